@@ -1,0 +1,89 @@
+"""Corral: a self-service VM orchestrator. ``create_app`` builds the portal."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from flask import Flask, render_template
+from sqlalchemy import event
+
+from . import config as config_mod
+from .extensions import csrf, db, htmx, login_manager, migrate, queues
+
+MIGRATIONS = str(Path(__file__).with_name("migrations"))
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    app = Flask(__name__, instance_relative_config=True)
+    instance = Path(os.environ.get("CORRAL_INSTANCE_PATH", app.instance_path))
+    app.instance_path = str(instance)
+    instance.mkdir(parents=True, exist_ok=True)
+
+    app.config.from_object(config_mod.Defaults)
+    app.config.from_pyfile("config.py", silent=True)
+    app.config.update(config_mod.env_overrides())
+    if test_config:
+        app.config.update(test_config)
+    if not app.config.get("SQLALCHEMY_DATABASE_URI"):
+        app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{instance / 'corral.sqlite'}"
+    if not app.config.get("SECRET_KEY"):
+        app.config["SECRET_KEY"] = config_mod.secret_key(instance)
+    _engine_options(app)
+
+    db.init_app(app)
+    with app.app_context():
+        _sqlite_pragmas(db.engine)
+    migrate.init_app(app, db, directory=MIGRATIONS, render_as_batch=True)
+    login_manager.init_app(app)
+    csrf.init_app(app)
+    htmx.init_app(app)
+    queues.init_app(app)
+
+    from . import auth_core, cli, views_common
+    from .blueprints import api, auth, library, servers, summary, tasks, users, vms
+
+    auth_core.init_app(app)
+    views_common.init_app(app)
+    for bp in (auth.bp, summary.bp, servers.bp, vms.bp, library.bp, users.bp, tasks.bp, api.bp):
+        app.register_blueprint(bp)
+    cli.init_app(app)
+
+    @app.errorhandler(404)
+    def not_found(e):
+        return render_template("error.html", code=404, message="That page or object does not exist."), 404
+
+    @app.errorhandler(403)
+    def forbidden(e):
+        return render_template("error.html", code=403, message="You are not allowed to do that."), 403
+
+    @app.errorhandler(500)
+    def server_error(e):
+        return render_template("error.html", code=500, message="Something went wrong on our side; it has been logged."), 500
+
+    return app
+
+
+def _sqlite_pragmas(engine) -> None:
+    if engine.dialect.name != "sqlite":
+        return
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+
+def _engine_options(app: Flask) -> None:
+    uri = app.config["SQLALCHEMY_DATABASE_URI"]
+    opts = dict(app.config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
+    if uri.startswith("sqlite"):
+        # Several web threads and a worker share the file: wait for locks
+        # rather than failing, and use WAL so readers never block writers.
+        opts.setdefault("connect_args", {"timeout": 30, "check_same_thread": False})
+    else:
+        opts.setdefault("pool_pre_ping", True)
+    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = opts

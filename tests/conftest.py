@@ -1,0 +1,168 @@
+"""Fixtures: a real redis-server, a fresh database per test, users, factories.
+
+The database is built with the Alembic migrations (not ``create_all``) so the
+tests exercise the schema users get. Each test gets its own SQLite file (or,
+with ``CORRAL_TEST_DATABASE_URL`` set to a PostgreSQL server, its own schema).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+
+from portal import create_app
+from portal.auth_core import hash_password
+from portal.extensions import db
+from portal.models import VM, NIC, Role, Server, ServerDisk, Task, User, VirtualDisk
+
+PASSWORD = "correct horse battery"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A private redis-server on a free loopback port for the whole session."""
+    exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(workdir), "--daemonize", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis_lib.Redis.from_url(url)
+    for _ in range(100):
+        try:
+            if client.ping():
+                break
+        except redis_lib.ConnectionError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        raise RuntimeError("redis-server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+_db_counter = itertools.count()
+
+
+@pytest.fixture
+def app(tmp_path, redis_server, monkeypatch):
+    """An application on a fresh, migrated database and a flushed Redis db."""
+    monkeypatch.setenv("CORRAL_INSTANCE_PATH", str(tmp_path / "instance"))
+    n = next(_db_counter)
+    prefix = f"corraltest{os.getpid()}x{n}"
+    config = {
+        "TESTING": True,
+        "SECRET_KEY": "test-secret",
+        "REDIS_URL": redis_server,
+        "QUEUE_PREFIX": prefix,
+        "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'corral.sqlite'}",
+        "PASSWORD_MIN_LENGTH": 10,
+    }
+    app = create_app(config)
+    with app.app_context():
+        from flask_migrate import upgrade
+
+        upgrade()
+    yield app
+    with app.app_context():
+        db.session.remove()
+        db.engine.dispose()
+        r = redis_lib.Redis.from_url(redis_server)
+        keys = list(r.scan_iter(f"*{prefix}*"))
+        if keys:
+            r.delete(*keys)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def ctx(app):
+    with app.app_context():
+        yield
+
+
+def make_user(username: str, role: Role | str = Role.REGULAR, **kw) -> User:
+    role = Role(role).value
+    defaults = {"max_vms": 3, "max_memory_mb": 4096, "max_disk_gb": 50} if role == "power" else {}
+    defaults.update(kw)
+    user = User(username=username, role=role, password_hash=hash_password(kw.pop("password", PASSWORD)),
+                **{k: v for k, v in defaults.items() if k != "password"})
+    db.session.add(user)
+    db.session.commit()
+    return user
+
+
+_server_counter = itertools.count(1)
+
+
+def make_server(hostname: str | None = None, **kw) -> Server:
+    n = next(_server_counter)
+    server = Server(hostname=hostname or f"srv{n}", address=kw.pop("address", f"10.99.{n // 250}.{n % 250 + 1}"),
+                    cpus=2, cores_per_cpu=4, memory_mb=65536, free_memory_mb=60000, **kw)
+    db.session.add(server)
+    db.session.flush()
+    db.session.add(ServerDisk(server_id=server.id, mountpoint="/var/lib/corral/disk1", size_gb=1000, free_gb=800))
+    db.session.commit()
+    return server
+
+
+_vm_counter = itertools.count(1)
+
+
+def make_vm(owner: User, name: str | None = None, *, server: Server | None = None, memory_mb: int = 512,
+            disk_gb: int = 10, state: str = "off", **kw) -> VM:
+    n = next(_vm_counter)
+    vm = VM(vmid=kw.pop("vmid", 1000 + n), name=name or f"vm{n}", owner_id=owner.id, memory_mb=memory_mb,
+            vcpus=1, server_id=server.id if server else None, state=state, **kw)
+    db.session.add(vm)
+    db.session.flush()
+    db.session.add(VirtualDisk(vm_id=vm.id, position=0, size_gb=disk_gb, bus="virtio", format="qcow2"))
+    db.session.add(NIC(vm_id=vm.id, position=0, mac=f"52:54:00:{n >> 16 & 255:02x}:{n >> 8 & 255:02x}:{n & 255:02x}"))
+    db.session.commit()
+    return vm
+
+
+def make_task(requester: User | None, *, title: str = "a task", target=None, state: str = "succeeded") -> Task:
+    task = Task(kind="test", title=title, requester_id=requester.id if requester else None, state=state,
+                target_type=type(target).__name__.lower() if target else None,
+                target_id=target.id if target else None, log="")
+    db.session.add(task)
+    db.session.commit()
+    return task
+
+
+class AuthActions:
+    def __init__(self, client):
+        self._client = client
+
+    def login(self, username: str, password: str = PASSWORD):
+        return self._client.post("/login", data={"username": username, "password": password})
+
+    def logout(self):
+        return self._client.post("/logout")
+
+
+@pytest.fixture
+def auth(client):
+    return AuthActions(client)
