@@ -12,6 +12,8 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -63,20 +65,27 @@ _db_counter = itertools.count()
 
 
 @pytest.fixture
-def app(tmp_path, redis_server, monkeypatch):
-    """An application on a fresh, migrated database and a flushed Redis db."""
-    monkeypatch.setenv("CORRAL_INSTANCE_PATH", str(tmp_path / "instance"))
+def app_env(tmp_path, redis_server, monkeypatch) -> dict[str, str]:
+    """CORRAL_* settings for this test, also set in os.environ for subprocesses."""
     n = next(_db_counter)
     prefix = f"corraltest{os.getpid()}x{n}"
-    config = {
-        "TESTING": True,
-        "SECRET_KEY": "test-secret",
-        "REDIS_URL": redis_server,
-        "QUEUE_PREFIX": prefix,
-        "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'corral.sqlite'}",
-        "PASSWORD_MIN_LENGTH": 10,
+    env = {
+        "CORRAL_INSTANCE_PATH": str(tmp_path / "instance"),
+        "CORRAL_SECRET_KEY": "test-secret",
+        "CORRAL_REDIS_URL": redis_server,
+        "CORRAL_QUEUE_PREFIX": prefix,
+        "CORRAL_DATABASE_URL": os.environ.get("CORRAL_TEST_DATABASE_URL")
+        or f"sqlite:///{tmp_path / 'corral.sqlite'}",
     }
-    app = create_app(config)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture
+def app(app_env, redis_server):
+    """An application on a fresh, migrated database and a private Redis key prefix."""
+    app = create_app({"TESTING": True})
     with app.app_context():
         from flask_migrate import upgrade
 
@@ -85,10 +94,50 @@ def app(tmp_path, redis_server, monkeypatch):
     with app.app_context():
         db.session.remove()
         db.engine.dispose()
-        r = redis_lib.Redis.from_url(redis_server)
-        keys = list(r.scan_iter(f"*{prefix}*"))
-        if keys:
-            r.delete(*keys)
+    r = redis_lib.Redis.from_url(redis_server)
+    keys = list(r.scan_iter(f"*{app_env['CORRAL_QUEUE_PREFIX']}*"))
+    if keys:
+        r.delete(*keys)
+
+
+def start_worker(*extra: str) -> subprocess.Popen:
+    """A real ``corral worker`` process with this test's settings (from os.environ)."""
+    return subprocess.Popen([sys.executable, "-m", "portal", "worker", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_worker_burst(timeout: float = 120) -> str:
+    """Run a worker until the queues are empty; return its output."""
+    proc = start_worker("--burst")
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+@pytest.fixture
+def worker(app):
+    """A long-running real worker process for the test's duration."""
+    proc = start_worker()
+    yield proc
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def live_server(app):
+    """The app served by a threaded WSGI server on a free loopback port."""
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", free_port(), app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(timeout=10)
 
 
 @pytest.fixture

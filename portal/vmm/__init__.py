@@ -1,0 +1,1 @@
+"""Host access: the only code that touches VM servers (SSH, libvirt, image tools)."""
