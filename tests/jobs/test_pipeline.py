@@ -48,7 +48,7 @@ def test_worker_process_runs_a_multi_step_task_to_completion(app):
         job = Job.fetch(task.job_id, connection=queues.redis)
         assert job.meta["step"] == "Checksumming" and job.meta["pct"] == 92
         path = app.instance_path + "/exports/" + task.result
-        rows = list(csv.reader(open(path)))
+        rows = list(csv.reader(io.StringIO(open_text(path))))
         assert len(rows) == 1 + 1201  # header + only the user's own entries
         assert {r[1] for r in rows[1:]} == {"pat"}
 
@@ -211,3 +211,8 @@ def test_action_log_records_task_submission(app):
         task = _submit(user).task
         row = db.session.execute(db.select(ActionLog).where(ActionLog.task_id == task.id)).scalar_one()
         assert row.user_id == user.id and row.action == "task:export-actionlog"
+
+
+def open_text(path: str) -> str:
+    with open(path, newline="") as fh:
+        return fh.read()
