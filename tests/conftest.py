@@ -64,8 +64,28 @@ def redis_server(tmp_path_factory):
 _db_counter = itertools.count()
 
 
+def _test_database(name: str, request) -> str | None:
+    """With CORRAL_TEST_DATABASE_URL (PostgreSQL), a fresh database per test."""
+    base = os.environ.get("CORRAL_TEST_DATABASE_URL")
+    if not base:
+        return None
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+
+    def drop():
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    request.addfinalizer(drop)
+    return sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
+
+
 @pytest.fixture
-def app_env(tmp_path, redis_server, monkeypatch) -> dict[str, str]:
+def app_env(tmp_path, redis_server, monkeypatch, request) -> dict[str, str]:
     """CORRAL_* settings for this test, also set in os.environ for subprocesses."""
     n = next(_db_counter)
     prefix = f"corraltest{os.getpid()}x{n}"
@@ -74,8 +94,7 @@ def app_env(tmp_path, redis_server, monkeypatch) -> dict[str, str]:
         "CORRAL_SECRET_KEY": "test-secret",
         "CORRAL_REDIS_URL": redis_server,
         "CORRAL_QUEUE_PREFIX": prefix,
-        "CORRAL_DATABASE_URL": os.environ.get("CORRAL_TEST_DATABASE_URL")
-        or f"sqlite:///{tmp_path / 'corral.sqlite'}",
+        "CORRAL_DATABASE_URL": _test_database(prefix, request) or f"sqlite:///{tmp_path / 'corral.sqlite'}",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 import traceback
 
@@ -23,21 +24,29 @@ from ..tasks import append_log, finish
 log = logging.getLogger(__name__)
 
 _app: Flask | None = None
+_app_pid: int | None = None  # the process whose DB connections the app's pool holds
 
 
 def set_app(app: Flask) -> None:
     """Let a worker hand its application to the jobs it forks."""
-    global _app
-    _app = app
+    global _app, _app_pid
+    _app, _app_pid = app, os.getpid()
 
 
 def get_app() -> Flask:
-    global _app
     if _app is None:
         from .. import create_app
 
-        _app = create_app()
+        set_app(create_app())
     return _app
+
+
+def _forget_inherited_connections() -> None:
+    """In a forked work horse, drop (without closing) the parent's pooled connections."""
+    global _app_pid
+    if _app_pid != os.getpid():
+        db.engine.dispose(close=False)
+        _app_pid = os.getpid()
 
 
 class TaskCancelled(Exception):
@@ -120,7 +129,7 @@ def task_job(fn):
     def runner(task_id: int, *args, **kwargs):
         app = get_app()
         with app.app_context():
-            db.engine.dispose(close=False)  # never share a parent's connections
+            _forget_inherited_connections()
             task = db.session.get(Task, task_id)
             if task is None:
                 log.warning("task %s vanished before it ran", task_id)

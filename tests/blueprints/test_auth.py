@@ -195,6 +195,8 @@ def test_production_config_has_no_debugger_or_tracebacks(app_env, redis_server):
         upgrade()
     r = prod.test_client().get("/boom")
     body = r.get_data(as_text=True)
+    with prod.app_context():
+        db.engine.dispose()
     assert r.status_code == 500 and "Traceback" not in body and "secret internals" not in body
 
 

@@ -1,0 +1,1 @@
+"""Nagios checks bundled with Corral (nagiosplugin), installed as console scripts."""
