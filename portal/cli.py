@@ -108,9 +108,12 @@ def worker(burst: bool, name: str | None):
     from rq import Worker
 
     from .jobs import set_app
+    from .jobs.monitoring import ensure_poll_scheduled
 
     app = current_app._get_current_object()
     set_app(app)
+    if not burst and app.config["POLL_SECONDS"]:
+        ensure_poll_scheduled()
     db.engine.dispose()
     w = Worker(queues.all_names(), connection=queues.redis, name=name)
     w.work(burst=burst, with_scheduler=True, logging_level="INFO")

@@ -58,6 +58,21 @@ class Defaults:
     DEFAULT_MAX_MEMORY_MB = 8192
     DEFAULT_MAX_DISK_GB = 200
 
+    # Monitoring
+    POLL_SECONDS = 30  # how often every server is polled
+    POLL_THREADS = 16  # servers probed at once
+    SERVER_DOWN_GRACE_SECONDS = 60  # silence before a server counts as down
+    MEM_FREE_WARNING = 10.0  # % free memory (check_vmm_host -w/-c)
+    MEM_FREE_CRITICAL = 5.0
+    DISK_FREE_WARNING = 10.0
+    DISK_FREE_CRITICAL = 5.0
+    LOAD_WARNING = 4.0  # 1-minute load per CPU
+    LOAD_CRITICAL = 8.0
+    # Where the test appliance is built and cached (None: /var/cache/corral-appliance)
+    APPLIANCE_CACHE: str | None = None
+    # hostname -> libvirt URI, to reach a server's libvirtd another way than qemu+ssh
+    LIBVIRT_URI_OVERRIDES: dict = {}
+
     # Web server used by `corral up`
     BIND = "127.0.0.1:5000"
 

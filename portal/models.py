@@ -8,6 +8,7 @@ Alembic migrations in ``portal/migrations``.
 from __future__ import annotations
 
 import enum
+import json
 from datetime import datetime, timezone
 
 from flask_login import UserMixin
@@ -16,6 +17,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -204,6 +206,10 @@ class Server(db.Model):
     last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Domains libvirt reports on this server, refreshed by the poll and the
+    # monitor: JSON list of {"name", "uuid", "state"}.
+    domains_json: Mapped[str | None] = mapped_column(Text)
+    load1: Mapped[float | None] = mapped_column(Float)
 
     disks: Mapped[list[ServerDisk]] = relationship(
         back_populates="server", cascade="all, delete-orphan", order_by="ServerDisk.id"
@@ -213,6 +219,10 @@ class Server(db.Model):
     @property
     def status_enum(self) -> ServerStatus:
         return ServerStatus(self.status)
+
+    @property
+    def domains(self) -> list[dict]:
+        return json.loads(self.domains_json) if self.domains_json else []
 
     def __repr__(self) -> str:
         return f"<Server {self.hostname} {self.status}>"
@@ -231,6 +241,44 @@ class ServerDisk(db.Model):
     free_gb: Mapped[int | None] = mapped_column(Integer)
 
     server: Mapped[Server] = relationship(back_populates="disks")
+
+
+class ServerSample(db.Model):
+    """Memory and disk use of a server at one time, for the graphs.
+
+    ``resolution`` is the span one row stands for, in seconds: raw polls are
+    0; older rows are merged into 300-second and then 3600-second averages.
+    """
+
+    __tablename__ = "server_samples"
+    __table_args__ = (Index("ix_server_samples_server_res_at", "server_id", "resolution", "at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    server_id: Mapped[int] = mapped_column(ForeignKey("servers.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    resolution: Mapped[int] = mapped_column(Integer, default=0)
+    mem_used_mb: Mapped[int] = mapped_column(Integer)
+    mem_total_mb: Mapped[int] = mapped_column(Integer)
+    disk_used_gb: Mapped[int] = mapped_column(Integer)
+    disk_total_gb: Mapped[int] = mapped_column(Integer)
+
+
+class CheckResult(db.Model):
+    """The latest result of one Nagios-style check for one server (or Corral itself)."""
+
+    __tablename__ = "check_results"
+    __table_args__ = (
+        UniqueConstraint("server_id", "check", name="uq_check_results_server_check"),
+        CheckConstraint("state IN ('ok', 'warning', 'critical', 'unknown')", name="state"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    server_id: Mapped[int | None] = mapped_column(ForeignKey("servers.id", ondelete="CASCADE"))
+    check: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(8))
+    summary: Mapped[str] = mapped_column(Text)
+    perfdata: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Network(db.Model):

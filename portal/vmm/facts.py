@@ -1,0 +1,123 @@
+"""What a VM server has: CPUs, memory, NICs, hypervisor; and its VM disks."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass
+
+import libvirt
+
+from .errors import CommandFailed, LibvirtUnavailable, MountpointMissing
+from .session import HostSession
+
+# Interfaces that are not the server's own NICs.
+_VIRTUAL_NIC = re.compile(r"^(lo|vnet\d+|virbr\d+(-nic)?|tap.*|macvtap.*|docker\d*|veth.*-.*)$")
+
+
+@dataclass
+class HostFacts:
+    cpus: int
+    cores_per_cpu: int
+    hyperthreading: bool
+    memory_mb: int
+    free_memory_mb: int
+    nics: int
+    nic_names: list[str]
+    mhz: int
+    hypervisor_vendor: str
+    hypervisor_type: str
+    hypervisor_version: str
+    kvm_capable: bool  # /dev/kvm and a kvm domain type offered (whether guests really run: see detection)
+    hostname: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DiskFacts:
+    mountpoint: str
+    size_gb: int
+    free_gb: int
+    writable: bool
+
+
+@dataclass
+class LoadFacts:
+    load1: float
+    load5: float
+    load15: float
+    cpus_online: int
+
+
+def _version(n: int) -> str:
+    return f"{n // 1_000_000}.{n // 1000 % 1000}.{n % 1000}"
+
+
+def probe_facts(session: HostSession) -> HostFacts:
+    """Facts from libvirt (nodeinfo, capabilities, versions) and the server's /sys."""
+    try:
+        conn = session.libvirt()
+        model, memory_mb, cpus_total, mhz, nodes, sockets, cores, threads = conn.getInfo()
+        free_mb = conn.getFreeMemory() // (1024 * 1024)
+        hv_type = conn.getType()  # "QEMU" for the qemu driver, "TEST" for the test driver
+        hv_version = _version(conn.getVersion())
+        lib_version = _version(conn.getLibVersion())
+        caps = ET.fromstring(conn.getCapabilities())
+        hostname = conn.getHostname()
+    except libvirt.libvirtError as exc:
+        raise LibvirtUnavailable(f"{session.target.hostname}: libvirt did not answer: {exc}") from exc
+    domain_types = {d.get("type") for d in caps.iter("domain")}
+    if session.target.transport == "test":
+        nic_names = ["eth0"]
+    else:
+        out = session.run(["ls", "-1", "/sys/class/net"]).stdout.split()
+        nic_names = sorted(n for n in out if not _VIRTUAL_NIC.match(n))
+    return HostFacts(
+        cpus=max(1, nodes * sockets),
+        cores_per_cpu=max(1, cores),
+        hyperthreading=threads > 1,
+        memory_mb=int(memory_mb),
+        free_memory_mb=int(free_mb),
+        nics=len(nic_names),
+        nic_names=nic_names,
+        mhz=int(mhz),
+        hypervisor_vendor="QEMU" if hv_type == "QEMU" else hv_type,
+        hypervisor_type="KVM/QEMU" if "kvm" in domain_types else "QEMU (TCG)",
+        hypervisor_version=f"{hv_version} (libvirt {lib_version})",
+        kvm_capable="kvm" in domain_types,
+        hostname=hostname,
+    )
+
+
+def probe_disk(session: HostSession, mountpoint: str) -> DiskFacts:
+    """Size and free space of a VM disk; it must exist and be writable by root."""
+    if not mountpoint.startswith("/") or ".." in mountpoint.split("/"):
+        raise MountpointMissing(f"{mountpoint!r} is not an absolute path.")
+    host = session.target.hostname
+    if session.target.transport == "test":
+        return DiskFacts(mountpoint, 1000, 800, True)
+    if not session.run(["test", "-d", mountpoint], check=False).ok:
+        raise MountpointMissing(f"{mountpoint} does not exist on {host} (create or mount it first).")
+    probe = f"{mountpoint.rstrip('/')}/.corral-write-test"
+    writable = session.run(["touch", probe], check=False).ok
+    session.run(["rm", "-f", probe], check=False)
+    if not writable:
+        raise MountpointMissing(f"{mountpoint} on {host} is not writable by root.")
+    try:
+        out = session.run(["df", "-P", "-B1", mountpoint]).stdout.splitlines()
+    except CommandFailed as exc:
+        raise MountpointMissing(f"{mountpoint} on {host}: df failed: {exc.stderr.strip()}") from exc
+    fields = out[-1].split()
+    size, avail = int(fields[1]), int(fields[3])
+    gib = 1024 ** 3
+    return DiskFacts(mountpoint, size // gib, avail // gib, True)
+
+
+def probe_load(session: HostSession) -> LoadFacts:
+    if session.target.transport == "test":
+        return LoadFacts(0.0, 0.0, 0.0, 1)
+    text = session.run(["cat", "/proc/loadavg"]).stdout.split()
+    online = session.run(["getconf", "_NPROCESSORS_ONLN"]).stdout.strip()
+    return LoadFacts(float(text[0]), float(text[1]), float(text[2]), int(online or 1))

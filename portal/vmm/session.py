@@ -1,0 +1,355 @@
+"""One session per VM server: run commands, copy files, talk to libvirt.
+
+``open_session(target)`` gives an :class:`SSHSession` (Fabric) for remote
+servers, a :class:`LocalSession` (invoke) for this machine, and both offer the
+same interface. Commands are always argument lists, quoted here, never
+strings a caller built. The SSH host key pinned when the server was added is
+the only one accepted.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import shlex
+import shutil
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import invoke
+import libvirt
+import paramiko
+from fabric import Connection
+
+from .errors import (
+    AuthRefused,
+    CommandFailed,
+    CommandTimeout,
+    HostKeyMismatch,
+    LibvirtUnavailable,
+    Unreachable,
+    VmmError,
+)
+from .keys import fingerprint
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+CONNECT_TIMEOUT = 10
+
+
+@dataclass(frozen=True)
+class Target:
+    """How to reach one VM server (plain data: no ORM objects here)."""
+
+    hostname: str
+    address: str
+    transport: str = "ssh"  # ssh | local | test (libvirt's test driver, for scale runs)
+    port: int = 22
+    host_key: str | None = None  # pinned "type base64", e.g. "ssh-ed25519 AAAA..."
+    key_file: str | None = None  # Corral's private key
+    known_hosts: str | None = None  # Corral's own known_hosts file (for libvirt's ssh)
+    libvirt_uri: str | None = None  # explicit URI (overrides the one derived from transport)
+
+    @property
+    def known_hosts_name(self) -> str:
+        return self.address if self.port == 22 else f"[{self.address}]:{self.port}"
+
+    def uri(self) -> str:
+        if self.libvirt_uri:
+            return self.libvirt_uri
+        if self.transport == "local":
+            return "qemu:///system"
+        if self.transport == "test":
+            return "test:///default"
+        params = ["no_tty=1", "sshauth=privkey"]
+        if self.key_file:
+            params.append(f"keyfile={self.key_file}")
+        if self.known_hosts:
+            params.append(f"known_hosts={self.known_hosts}")
+        port = "" if self.port == 22 else f":{self.port}"
+        return f"qemu+ssh://root@{self.address}{port}/system?" + "&".join(params)
+
+
+@dataclass
+class Result:
+    argv: list[str]
+    code: int
+    stdout: str
+    stderr: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+
+@dataclass
+class HostSession(abc.ABC):
+    target: Target
+    _conn: libvirt.virConnect | None = field(default=None, init=False, repr=False)
+
+    # --- commands -------------------------------------------------------
+    def run(self, argv: Sequence[str], *, timeout: float = 60, check: bool = True,
+            input: str | None = None) -> Result:
+        argv = [str(a) for a in argv]
+        if not argv:
+            raise ValueError("empty command")
+        result = self._run(argv, timeout=timeout, input=input)
+        if check and result.code != 0:
+            raise CommandFailed(self.target.hostname, argv, result.code, result.stderr)
+        return result
+
+    @abc.abstractmethod
+    def _run(self, argv: list[str], *, timeout: float, input: str | None) -> Result:
+        """Run one quoted command on the server."""
+
+    @abc.abstractmethod
+    def put(self, local: str | os.PathLike, remote: str, progress: Progress | None = None) -> None:
+        """Copy a local file to the server, reporting (done, total) bytes."""
+
+    @abc.abstractmethod
+    def get(self, remote: str, local: str | os.PathLike, progress: Progress | None = None) -> None:
+        """Copy a file from the server, reporting (done, total) bytes."""
+
+    # --- libvirt ----------------------------------------------------------
+    def libvirt(self) -> libvirt.virConnect:
+        if self._conn is None or not self._conn.isAlive():
+            self._conn = connect_libvirt(self.target)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except libvirt.libvirtError:
+                pass
+            self._conn = None
+
+    def __enter__(self) -> HostSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def connect_libvirt(target: Target) -> libvirt.virConnect:
+    try:
+        conn = libvirt.open(target.uri())
+    except libvirt.libvirtError as exc:
+        raise LibvirtUnavailable(
+            f"libvirtd on {target.hostname} is not answering ({target.uri().split('?')[0]}): "
+            f"{exc.get_error_message()}"
+        ) from exc
+    return conn
+
+
+class LocalSession(HostSession):
+    """This machine, through invoke."""
+
+    def _run(self, argv: list[str], *, timeout: float, input: str | None) -> Result:
+        ctx = invoke.Context()
+        try:
+            r = ctx.run(shlex.join(argv), hide=True, warn=True, timeout=timeout, in_stream=_stream(input))
+        except invoke.CommandTimedOut as exc:
+            raise CommandTimeout(f"{self.target.hostname}: `{shlex.join(argv)}` ran past {timeout} s") from exc
+        return Result(argv, r.exited, r.stdout, r.stderr)
+
+    def put(self, local, remote, progress=None):
+        _copy_with_progress(Path(local), Path(remote), progress)
+
+    def get(self, remote, local, progress=None):
+        _copy_with_progress(Path(remote), Path(local), progress)
+
+
+class SSHSession(HostSession):
+    """A remote server over SSH with Corral's key, through Fabric."""
+
+    def __init__(self, target: Target):
+        super().__init__(target)
+        self._fabric: Connection | None = None
+
+    @property
+    def connection(self) -> Connection:
+        if self._fabric is None:
+            self._fabric = _fabric_connection(self.target)
+        return self._fabric
+
+    def _run(self, argv: list[str], *, timeout: float, input: str | None) -> Result:
+        try:
+            r = self.connection.run(shlex.join(argv), hide=True, warn=True, timeout=timeout,
+                                    in_stream=_stream(input))
+        except invoke.CommandTimedOut as exc:
+            raise CommandTimeout(f"{self.target.hostname}: `{shlex.join(argv)}` ran past {timeout} s") from exc
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            self._fabric = None
+            raise _translate(self.target, exc) from exc
+        return Result(argv, r.exited, r.stdout, r.stderr)
+
+    def put(self, local, remote, progress=None):
+        try:
+            self.connection.sftp().put(str(local), remote, callback=progress)
+        except (OSError, paramiko.SSHException) as exc:
+            raise VmmError(f"copying {local} to {self.target.hostname}:{remote} failed: {exc}") from exc
+
+    def get(self, remote, local, progress=None):
+        try:
+            self.connection.sftp().get(remote, str(local), callback=progress)
+        except (OSError, paramiko.SSHException) as exc:
+            raise VmmError(f"copying {self.target.hostname}:{remote} failed: {exc}") from exc
+
+    def close(self) -> None:
+        super().close()
+        if self._fabric is not None:
+            self._fabric.close()
+            self._fabric = None
+
+
+class TestDriverSession(HostSession):
+    """libvirt's built-in test driver: no commands, used for scale runs."""
+
+    __test__ = False  # not a pytest class
+
+    def _refuse(self, *_args, **_kwargs):
+        raise VmmError(f"{self.target.hostname} is a libvirt test-driver server; it runs no commands")
+
+    _run = put = get = _refuse
+
+
+def open_session(target: Target) -> HostSession:
+    if target.transport == "local":
+        return LocalSession(target)
+    if target.transport == "test":
+        return TestDriverSession(target)
+    return SSHSession(target)
+
+
+# --- SSH details ----------------------------------------------------------------
+
+class _PinnedKeyPolicy(paramiko.MissingHostKeyPolicy):
+    """Refuse any key that is not already pinned (the pinned one never reaches here)."""
+
+    def __init__(self, target: Target):
+        self.target = target
+
+    def missing_host_key(self, client, hostname, key):
+        got = fingerprint(key.get_name(), key.get_base64())
+        if self.target.host_key is None:
+            raise VmmError(f"{self.target.hostname}: no SSH host key is pinned (got {got}); add the server first")
+        raise HostKeyMismatch(self.target.hostname, pinned_fingerprint(self.target.host_key), got)
+
+
+def pinned_fingerprint(host_key: str) -> str:
+    key_type, b64 = host_key.split()[:2]
+    return fingerprint(key_type, b64)
+
+
+def _paramiko_client(target: Target) -> paramiko.SSHClient:
+    client = paramiko.SSHClient()
+    if target.host_key:
+        key_type, b64 = target.host_key.split()[:2]
+        client.get_host_keys().add(target.known_hosts_name, key_type, paramiko.PKey.from_type_string(key_type, _b64(b64)))
+    client.set_missing_host_key_policy(_PinnedKeyPolicy(target))
+    return client
+
+
+def _b64(b64: str) -> bytes:
+    import base64
+
+    return base64.b64decode(b64)
+
+
+def _fabric_connection(target: Target, *, password: str | None = None) -> Connection:
+    kwargs = {"look_for_keys": False, "allow_agent": False, "banner_timeout": CONNECT_TIMEOUT,
+              "auth_timeout": CONNECT_TIMEOUT}
+    if password is not None:
+        kwargs["password"] = password
+    else:
+        kwargs["key_filename"] = [target.key_file] if target.key_file else []
+    conn = Connection(target.address, user="root", port=target.port, connect_timeout=CONNECT_TIMEOUT,
+                      connect_kwargs=kwargs)
+    conn.client = _paramiko_client(target)
+    try:
+        conn.open()
+    except Exception as exc:
+        raise _translate(target, exc) from exc
+    return conn
+
+
+def _translate(target: Target, exc: BaseException) -> VmmError:
+    if isinstance(exc, VmmError):
+        return exc
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return HostKeyMismatch(target.hostname, fingerprint(exc.expected_key.get_name(), exc.expected_key.get_base64()),
+                               fingerprint(exc.key.get_name(), exc.key.get_base64()))
+    if isinstance(exc, paramiko.AuthenticationException):
+        return AuthRefused(f"{target.hostname} refused the login as root ({exc}). "
+                           "Check the root password, or that Corral's key is still in /root/.ssh/authorized_keys.")
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return Unreachable(f"{target.hostname} ({target.address}:{target.port}) did not answer within "
+                           f"{CONNECT_TIMEOUT} s.")
+    if isinstance(exc, OSError):
+        return Unreachable(f"{target.hostname} ({target.address}:{target.port}) is unreachable: "
+                           f"{exc.strerror or exc}.")
+    return Unreachable(f"{target.hostname}: SSH failed: {exc}")
+
+
+def fetch_host_key(address: str, port: int = 22, hostname: str | None = None) -> str:
+    """The server's SSH host key as "type base64" (first contact, before pinning)."""
+    target = Target(hostname=hostname or address, address=address, port=port)
+    try:
+        sock = socket.create_connection((address, port), timeout=CONNECT_TIMEOUT)
+    except OSError as exc:
+        raise _translate(target, exc) from exc
+    transport = paramiko.Transport(sock)
+    try:
+        transport.banner_timeout = CONNECT_TIMEOUT
+        transport.start_client(timeout=CONNECT_TIMEOUT)
+        key = transport.get_remote_server_key()
+        return f"{key.get_name()} {key.get_base64()}"
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        raise _translate(target, exc) from exc
+    finally:
+        transport.close()
+
+
+def install_key(target: Target, password: str, public_key: str) -> None:
+    """Log in once with the root password and add Corral's key; the password is not kept."""
+    conn = _fabric_connection(target, password=password)
+    try:
+        script = ("umask 077 && mkdir -p ~/.ssh && touch ~/.ssh/authorized_keys && "
+                  f"(grep -qxF {shlex.quote(public_key)} ~/.ssh/authorized_keys || "
+                  f"echo {shlex.quote(public_key)} >> ~/.ssh/authorized_keys)")
+        r = conn.run(script, hide=True, warn=True, timeout=30)
+        if r.exited != 0:
+            raise CommandFailed(target.hostname, ["install corral key"], r.exited, r.stderr)
+    finally:
+        conn.close()
+
+
+# --- helpers ----------------------------------------------------------------------
+
+def _stream(data: str | None):
+    import io
+
+    return io.StringIO(data) if data is not None else False
+
+
+def _copy_with_progress(src: Path, dst: Path, progress: Progress | None, chunk: int = 8 << 20) -> None:
+    total = src.stat().st_size
+    done = 0
+    tmp = dst.with_name(dst.name + ".part")
+    try:
+        with src.open("rb") as fin, tmp.open("wb") as fout:
+            while True:
+                buf = fin.read(chunk)
+                if not buf:
+                    break
+                fout.write(buf)
+                done += len(buf)
+                if progress:
+                    progress(done, total)
+        shutil.copystat(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
