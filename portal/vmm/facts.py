@@ -72,7 +72,9 @@ def probe_facts(session: HostSession) -> HostFacts:
     if session.target.transport == "test":
         nic_names = ["eth0"]
     else:
-        out = session.run(["ls", "-1", "/sys/class/net"]).stdout.split()
+        # Interfaces that are not bridges (a host bridge for guests is not a NIC).
+        script = 'for n in /sys/class/net/*; do [ -d "$n/bridge" ] || echo "${n##*/}"; done'
+        out = session.run(["sh", "-c", script]).stdout.split()
         nic_names = sorted(n for n in out if not _VIRTUAL_NIC.match(n))
     return HostFacts(
         cpus=max(1, nodes * sockets),

@@ -33,6 +33,7 @@ from .errors import (
     VmmError,
 )
 from .keys import fingerprint
+from .loop import ensure_event_loop
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -63,13 +64,16 @@ class Target:
             return "qemu:///system"
         if self.transport == "test":
             return "test:///default"
-        params = ["no_tty=1", "sshauth=privkey"]
+        # libssh (not the ssh binary) honours known_hosts= and writes nothing to
+        # root's own ~/.ssh/known_hosts; the pinned keys are in Corral's file.
+        params = ["sshauth=privkey"]
         if self.key_file:
             params.append(f"keyfile={self.key_file}")
         if self.known_hosts:
             params.append(f"known_hosts={self.known_hosts}")
+            params.append("known_hosts_verify=normal")
         port = "" if self.port == 22 else f":{self.port}"
-        return f"qemu+ssh://root@{self.address}{port}/system?" + "&".join(params)
+        return f"qemu+libssh://root@{self.address}{port}/system?" + "&".join(params)
 
 
 @dataclass
@@ -134,6 +138,7 @@ class HostSession(abc.ABC):
 
 
 def connect_libvirt(target: Target) -> libvirt.virConnect:
+    ensure_event_loop()
     try:
         conn = libvirt.open(target.uri())
     except libvirt.libvirtError as exc:

@@ -1,0 +1,30 @@
+"""libvirt's default event loop, run in one daemon thread per process.
+
+Started on first use, never at import. Domain events need it, and so does
+the libssh transport: without a running loop, replies larger than a few
+kilobytes (``getCapabilities``) never arrive.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import libvirt
+
+_lock = threading.Lock()
+_started = False
+
+
+def ensure_event_loop() -> None:
+    global _started
+    with _lock:
+        if _started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-event-loop", daemon=True).start()
+        _started = True
