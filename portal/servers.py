@@ -41,34 +41,40 @@ def corral_key() -> tuple[Path, str]:
     return keys.ensure_keypair(ssh_dir() / "id_ed25519")
 
 
-def known_hosts_path() -> Path:
-    return ssh_dir() / "known_hosts"
+def known_hosts_file(hostname: str, address: str, port: int, host_key: str | None) -> str | None:
+    """A known_hosts file holding just this server's pinned key (for libvirt's libssh)."""
+    if not host_key:
+        return None
+    folder = ssh_dir() / "known_hosts.d"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    name = address if port == 22 else f"[{address}]:{port}"
+    line = f"{name} {' '.join(host_key.split()[:2])}\n"
+    path = folder / hostname
+    if not path.exists() or path.read_text() != line:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(line)
+        tmp.replace(path)
+    return str(path)
 
 
 def write_known_hosts() -> None:
-    """Corral's own known_hosts (for libvirt's qemu+ssh), from the pinned keys."""
-    rows = db.session.execute(
-        db.select(Server.address, Server.ssh_port, Server.host_key).where(Server.host_key.is_not(None),
-                                                                          Server.transport == "ssh")
-    ).all()
-    lines = []
-    for address, port, key in rows:
-        name = address if port == 22 else f"[{address}]:{port}"
-        lines.append(f"{name} {' '.join(key.split()[:2])}")
-    path = known_hosts_path()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    tmp.replace(path)
+    """Write every registered server's known_hosts file (after keys changed)."""
+    for server in db.session.execute(db.select(Server).where(Server.host_key.is_not(None))).scalars():
+        known_hosts_file(server.hostname, server.address, server.ssh_port, server.host_key)
 
 
-def target_for(server: Server) -> Target:
+def make_target(hostname: str, address: str, port: int, transport: str, host_key: str | None) -> Target:
     key_file, _ = corral_key()
     uris = current_app.config.get("LIBVIRT_URI_OVERRIDES") or {}
     return Target(
-        hostname=server.hostname, address=server.address, transport=server.transport, port=server.ssh_port,
-        host_key=server.host_key, key_file=str(key_file), known_hosts=str(known_hosts_path()),
-        libvirt_uri=uris.get(server.hostname),
+        hostname=hostname, address=address, transport=transport, port=port, host_key=host_key,
+        key_file=str(key_file), known_hosts=known_hosts_file(hostname, address, port, host_key),
+        libvirt_uri=uris.get(hostname),
     )
+
+
+def target_for(server: Server) -> Target:
+    return make_target(server.hostname, server.address, server.ssh_port, server.transport, server.host_key)
 
 
 def session_for(server: Server) -> HostSession:

@@ -21,6 +21,7 @@ import pytest
 import redis as redis_lib
 
 from portal import create_app
+from tests.bed.fixtures import appliance_image, appliance_iso, bed, bed_servers, domain_type  # noqa: F401
 from portal.auth_core import hash_password
 from portal.extensions import db
 from portal.models import VM, NIC, Role, Server, ServerDisk, Task, User, VirtualDisk
@@ -234,3 +235,31 @@ class AuthActions:
 @pytest.fixture
 def auth(client):
     return AuthActions(client)
+
+
+def register_bed_server(app, bs, *, disks: tuple[str, ...] | None = None) -> int:
+    """Register a bed server in Corral's database as the add flow would, without SSH work.
+
+    Installs Corral's key in the server's own /root/.ssh/authorized_keys,
+    pins its host key and declares its VM disk. Returns the server id.
+    """
+    from portal import servers
+    from portal.models import ServerStatus
+
+    with app.app_context():
+        _, public = servers.corral_key()
+        keys = bs.host_path("/root/.ssh/authorized_keys")
+        keys.parent.mkdir(parents=True, exist_ok=True)
+        existing = keys.read_text() if keys.exists() else ""
+        if public not in existing:
+            keys.write_text(existing + public + "\n")
+        server = Server(hostname=bs.name, address=bs.address, ssh_port=bs.ssh_port, transport="ssh",
+                        host_key=bs.host_key_public, host_key_fingerprint=bs.host_key_fingerprint,
+                        status=ServerStatus.UP.value, cpus=1, cores_per_cpu=1, memory_mb=1024)
+        db.session.add(server)
+        db.session.flush()
+        for mp in disks if disks is not None else (bs.disk_dir,):
+            db.session.add(ServerDisk(server_id=server.id, mountpoint=mp, size_gb=10))
+        db.session.commit()
+        servers.write_known_hosts()
+        return server.id

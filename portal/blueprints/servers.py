@@ -8,7 +8,7 @@ from flask import Blueprint, abort, flash, redirect, render_template, request, u
 from flask_login import current_user, login_required
 from flask_wtf import FlaskForm
 from sqlalchemy import func
-from wtforms import BooleanField, FieldList, FormField, IntegerField, PasswordField, SelectField, StringField
+from wtforms import BooleanField, FieldList, FormField, IntegerField, PasswordField, SelectChoice, SelectField, StringField
 from wtforms.validators import DataRequired, Length, NumberRange, Optional
 
 from .. import permissions, secrets_relay, servers as servers_mod, tasks
@@ -43,7 +43,7 @@ class ReviewForm(FlaskForm):
     memory_mb = IntegerField("Memory (MB)", validators=[NumberRange(1, 1 << 30)])
     nics = IntegerField("NICs", validators=[NumberRange(0, 64)])
     mhz = IntegerField("MHz", validators=[NumberRange(0, 100000)])
-    domain_type = SelectField("Guests run as", choices=[("kvm", "KVM"), ("qemu", "QEMU (TCG)")])
+    domain_type = SelectField("Guests run as", choices=[SelectChoice("kvm", "KVM"), SelectChoice("qemu", "QEMU (TCG)")])
     disks = FieldList(FormField(DiskForm), min_entries=servers_mod.MAX_DISKS, max_entries=servers_mod.MAX_DISKS)
 
 

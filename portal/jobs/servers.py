@@ -54,7 +54,7 @@ def probe_new_server(progress: Progress, hostname: str, address: str, port: int,
             del password
         progress.log("Corral's key is installed; the password has been discarded.")
     progress.step("Detecting CPUs, memory, NICs and hypervisor", 40)
-    with open_session(_target(hostname, address, port, transport, host_key)) as session:
+    with open_session(servers.make_target(hostname, address, port, transport, host_key)) as session:
         found = facts.probe_facts(session)
         progress.log(f"{found.cpus} CPU(s) x {found.cores_per_cpu} cores, {found.memory_mb} MB, "
                      f"{found.nics} NIC(s), {found.hypervisor_vendor} {found.hypervisor_version}")
@@ -64,20 +64,13 @@ def probe_new_server(progress: Progress, hostname: str, address: str, port: int,
                        "facts": found.as_dict(), "domain_type": domain_type})
 
 
-def _target(hostname: str, address: str, port: int, transport: str, host_key: str | None) -> Target:
-    key_file, _ = servers.corral_key()
-    uris = current_app.config.get("LIBVIRT_URI_OVERRIDES") or {}
-    return Target(hostname=hostname, address=address, transport=transport, port=port, host_key=host_key,
-                  key_file=str(key_file), known_hosts=str(servers.known_hosts_path()),
-                  libvirt_uri=uris.get(hostname))
-
-
 @task_job
 def register_server(progress: Progress, payload: str) -> str:
     """Validate each VM disk on the server, then create the server and its disks."""
     data = json.loads(payload)
     progress.step("Validating VM disks on the server", 20)
-    target = _target(data["hostname"], data["address"], data["port"], data["transport"], data["host_key"])
+    target = servers.make_target(data["hostname"], data["address"], data["port"], data["transport"],
+                                 data["host_key"])
     disks = []
     with open_session(target) as session:
         for i, d in enumerate(data["disks"]):
@@ -92,7 +85,6 @@ def register_server(progress: Progress, payload: str) -> str:
                               domain_type=data["domain_type"], disks=disks)
     server_id = server.id
     db.session.commit()
-    servers.write_known_hosts()
     return str(server_id)
 
 
