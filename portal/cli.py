@@ -42,7 +42,7 @@ def main() -> None:
 
 def init_app(app: Flask) -> None:
     """Flask's own ``flask --app portal ...`` sees the same commands."""
-    for cmd in (create_manager, worker, up, init):
+    for cmd in (create_manager, worker, up, init, monitor, add_local_server):
         if cmd.name not in app.cli.commands:
             app.cli.add_command(cmd)
 
@@ -119,6 +119,36 @@ def worker(burst: bool, name: str | None):
     w.work(burst=burst, with_scheduler=True, logging_level="INFO")
 
 
+@click.command("monitor")
+@click.option("--refresh", default=5.0, show_default=True, help="Seconds between subscription refreshes.")
+@with_appcontext
+def monitor(refresh: float):
+    """Follow libvirt domain events on every up server and record them at once."""
+    import logging
+
+    from .monitor import Monitor
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s monitor %(levelname)s %(message)s")
+    mon = Monitor(current_app._get_current_object(), refresh_seconds=refresh)
+    signal.signal(signal.SIGTERM, lambda *_: mon.stop.set())
+    signal.signal(signal.SIGINT, lambda *_: mon.stop.set())
+    mon.run()
+
+
+@click.command("add-local-server")
+@click.option("--disk", default="/var/lib/corral/disk1", show_default=True, help="VM disk directory to declare.")
+@with_appcontext
+def add_local_server(disk: str):
+    """Register this machine as a VM server (local transport, qemu:///system)."""
+    from . import local_server
+
+    try:
+        server = local_server.register(disk)
+    except local_server.LocalServerError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"Registered {server.hostname} (guests run as {server.domain_type}).")
+
+
 def _redis_answers(url: str) -> bool:
     try:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
@@ -153,8 +183,9 @@ def _start_redis(url: str, instance: Path) -> subprocess.Popen:
 @click.command("up")
 @click.option("--bind", default=None, help="Address:port of the web server (default 127.0.0.1:5000).")
 @click.option("--workers", default=1, show_default=True, help="RQ worker processes.")
+@click.option("--no-local-server", is_flag=True, help="Do not register this machine as a VM server.")
 @with_appcontext
-def up(bind: str | None, workers: int):
+def up(bind: str | None, workers: int, no_local_server: bool):
     """Run Corral on this machine: database, Redis, worker(s) and web server."""
     from flask_migrate import upgrade
 
@@ -170,7 +201,18 @@ def up(bind: str | None, workers: int):
         click.echo(f"Starting a private redis-server for {url} (data in {instance / 'redis'}).")
         children.append(("redis-server", _start_redis(url, instance)))
 
+    if not no_local_server:
+        from . import local_server
+
+        try:
+            server = local_server.ensure_registered()
+            if server is not None:
+                click.echo(f"This machine is VM server {server.hostname} (guests run as {server.domain_type}).")
+        except local_server.LocalServerError as exc:
+            click.echo(f"Could not register this machine as a VM server: {exc}", err=True)
+
     env = dict(os.environ, CORRAL_INSTANCE_PATH=str(instance))
+    children.append(("monitor", subprocess.Popen([sys.executable, "-m", "portal", "monitor"], env=env)))
     for i in range(workers):
         children.append((f"worker-{i + 1}", subprocess.Popen(
             [sys.executable, "-m", "portal", "worker", "--name", f"corral-{socket.gethostname()}-{os.getpid()}-{i + 1}"],

@@ -93,10 +93,7 @@ class Monitor:
                     server.last_error = event.error
                     db.session.commit()
                 return
-            domains = [d for d in server.domains if d["name"] != event.domain]
-            if event.state != "undefined":
-                domains.append({"name": event.domain, "uuid": event.uuid, "state": event.state})
-            servers.set_domains(server, domains)
+            servers.set_domains(server, self._domains_after(server, event))
             vm = db.session.execute(
                 db.select(VM).where(VM.name == event.domain, VM.server_id == server.id)).scalar_one_or_none()
             if vm is not None and vm.state not in monitoring.TASK_OWNED:
@@ -106,6 +103,20 @@ class Monitor:
                     vm.state, vm.state_changed_at = new.value, utcnow()
             db.session.commit()
             self.events_applied += 1
+
+    def _domains_after(self, server: Server, event: DomainEvent) -> list[dict]:
+        """The server's domains now: listed afresh (a destroyed transient domain
+        sends no "undefined" event), or patched from the event if listing fails."""
+        conn = self.hub.connection(event.key)
+        if conn is not None:
+            try:
+                return list_domains(_Conn(None, conn))
+            except libvirt.libvirtError:
+                pass
+        domains = [d for d in server.domains if d["name"] != event.domain]
+        if event.state != "undefined":
+            domains.append({"name": event.domain, "uuid": event.uuid, "state": event.state})
+        return domains
 
     def run(self, *, max_seconds: float | None = None) -> None:
         deadline = None if max_seconds is None else time.monotonic() + max_seconds

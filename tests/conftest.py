@@ -120,10 +120,19 @@ def app(app_env, redis_server):
         r.delete(*keys)
 
 
-def start_worker(*extra: str) -> subprocess.Popen:
+def start_worker(*extra: str, log=subprocess.PIPE) -> subprocess.Popen:
     """A real ``corral worker`` process with this test's settings (from os.environ)."""
     return subprocess.Popen([sys.executable, "-m", "portal", "worker", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def run_worker_burst(timeout: float = 120) -> str:
@@ -135,16 +144,12 @@ def run_worker_burst(timeout: float = 120) -> str:
 
 
 @pytest.fixture
-def worker(app):
-    """A long-running real worker process for the test's duration."""
-    proc = start_worker()
-    yield proc
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def worker(app, tmp_path):
+    """A long-running real worker process for the test's duration (log: tmp_path/worker.log)."""
+    with open(tmp_path / "worker.log", "w") as log:
+        proc = start_worker(log=log)
+        yield proc
+        stop_process(proc)
 
 
 @pytest.fixture

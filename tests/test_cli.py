@@ -57,6 +57,7 @@ def test_corral_up_runs_everything_and_prints_the_first_login(tmp_path):
             pytest.fail("corral up did not come up:\n" + "".join(lines))
         out = "".join(lines)
         assert "Starting a private redis-server" in out and "username: admin" in out
+        assert "This machine is VM server" in out
         assert _port_open(redis_port)
 
         # The printed login works against the real web server.
@@ -67,6 +68,8 @@ def test_corral_up_runs_everything_and_prints_the_first_login(tmp_path):
         data = urllib.parse.urlencode({"username": "admin", "password": password, "csrf_token": token}).encode()
         summary = opener.open(f"http://127.0.0.1:{web_port}/login", data=data).read().decode()
         assert "Summary" in summary and "admin" in summary
+        # The newcomer's first page already shows one working server.
+        assert "1 up" in summary
         assert (tmp_path / "instance" / "secret_key").exists()
         assert (tmp_path / "instance" / "corral.sqlite").exists()
     finally:
