@@ -131,7 +131,7 @@ def finish(task: Task, state: TaskState, *, error: str | None = None, result: st
     task.eta_seconds = None
     if state is TaskState.SUCCEEDED:
         task.pct = 100
-        task.step = task.step or "Done"
+        task.step = "Done"
     if error:
         task.error = error
         append_log(task, f"ERROR: {error}")

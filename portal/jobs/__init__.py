@@ -116,6 +116,20 @@ class Progress:
         task.eta_seconds = int(elapsed * (total - done) / done) if done and elapsed > 0 else None
         self._save(task)
 
+    def items(self, done: int, total: int, *, pct_from: int, pct_to: int, noun: str = "items") -> None:
+        """Progress in countable things (rows, disks): percent and ETA, no bytes."""
+        now = time.monotonic()
+        if done < total and now - self._last_write < self.MIN_WRITE_INTERVAL:
+            return
+        self.check_cancel()
+        task = self.task
+        frac = done / total if total else 1.0
+        task.pct = int(pct_from + (pct_to - pct_from) * frac)
+        task.step = f"{task.step.split(' (')[0]} ({done} of {total} {noun})" if task.step else None
+        elapsed = now - self._step_started
+        task.eta_seconds = int(elapsed * (total - done) / done) if done and elapsed > 0 else None
+        self._save(task)
+
     def log(self, line: str) -> None:
         task = self.task
         append_log(task, line)

@@ -60,7 +60,7 @@ def export_actionlog(progress: Progress, user_id: int | None) -> str:
                     ])
                 done += len(rows)
                 last_id = rows[-1].id
-                progress.bytes(done, max(total, done), pct_from=10, pct_to=90)
+                progress.items(done, max(total, done), pct_from=10, pct_to=90, noun="entries")
         progress.step("Checksumming", 92)
         digest = hashlib.sha256(part.read_bytes()).hexdigest()
         os.replace(part, final)
