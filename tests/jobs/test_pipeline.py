@@ -112,17 +112,21 @@ def test_cancel_queued_task_never_runs(app):
         assert "Started." not in task.log
 
 
-def test_cancel_running_task_stops_at_next_step(app):
-    """A running job sees cancel_requested at its next step and ends cancelled."""
-    from portal.jobs import Progress, task_job
-
+def _queued_task(app) -> int:
+    """A queued task row for a job run in-process."""
     with app.app_context():
         user = make_user("pat")
         task = Task(kind="t", title="t", requester_id=user.id, state="queued", log="")
         db.session.add(task)
         db.session.commit()
-        task_id = task.id
+        return task.id
 
+
+def test_cancel_running_task_stops_at_next_step(app):
+    """A running job sees cancel_requested at its next step and ends cancelled."""
+    from portal.jobs import Progress, task_job
+
+    task_id = _queued_task(app)
     seen = []
 
     @task_job
@@ -159,12 +163,7 @@ def test_failing_job_records_error_and_log(app):
     import portal.jobs as jobs_mod
 
     jobs_mod.set_app(app)
-    with app.app_context():
-        user = make_user("pat")
-        task = Task(kind="t", title="t", requester_id=user.id, state="queued", log="")
-        db.session.add(task)
-        db.session.commit()
-        task_id = task.id
+    task_id = _queued_task(app)
     try:
         boom(task_id)
     except RuntimeError:
