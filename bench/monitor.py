@@ -177,7 +177,7 @@ def main(argv=None) -> int:
             med = statistics.median(to_partial)
             print(f"  goal: at most 1 s to the partial: {'OK' if med <= 1 else 'OVER'} (median {med:.3f} s)")
         times = p7(root, [args.small, args.large])
-        print(f"\nP7: one full poll cycle over simulated servers (libvirt test driver)")
+        print("\nP7: one full poll cycle over simulated servers (libvirt test driver)")
         for n, secs in times.items():
             print(f"  {n:5d} servers: {secs:7.2f} s  ({1000 * secs / n:.1f} ms per server)")
         ratio = times[args.large] / times[args.small]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import libvirt
 import nagiosplugin
 
+from checks import PluginArgumentParser
 from portal.vmm import facts as vmm_facts
 from portal.vmm.errors import LibvirtUnavailable, VmmError
 from portal.vmm.session import HostSession, Target, open_session
@@ -191,7 +192,7 @@ def _target_from_corral(hostname: str) -> tuple[Target, list[str]]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = PluginArgumentParser(prog="check_vmm_host", description=__doc__.splitlines()[0], status_name="VMM_HOST")
     p.add_argument("-H", "--hostname", required=True, help="server name as registered in Corral")
     p.add_argument("-w", "--warning", type=float, default=10.0, help="free memory %% below which to warn")
     p.add_argument("-c", "--critical", type=float, default=5.0, help="free memory %% below which it is critical")

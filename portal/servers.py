@@ -19,7 +19,7 @@ from . import actionlog
 from .extensions import db
 from .models import VM, Server, ServerDisk, ServerStatus, utcnow
 from .vmm import keys
-from .vmm.session import HostSession, Target, open_session
+from .vmm.session import HostSession, Target, open_session, write_ssh_wrapper
 
 HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
 MOUNTPOINT_RE = re.compile(r"^/[A-Za-z0-9._/-]*$")
@@ -66,10 +66,11 @@ def write_known_hosts() -> None:
 def make_target(hostname: str, address: str, port: int, transport: str, host_key: str | None) -> Target:
     key_file, _ = corral_key()
     uris = current_app.config.get("LIBVIRT_URI_OVERRIDES") or {}
+    known_hosts = known_hosts_file(hostname, address, port, host_key)
+    wrapper = write_ssh_wrapper(ssh_dir() / "known_hosts.d" / f"{hostname}.ssh", known_hosts) if known_hosts else None
     return Target(
         hostname=hostname, address=address, transport=transport, port=port, host_key=host_key,
-        key_file=str(key_file), known_hosts=known_hosts_file(hostname, address, port, host_key),
-        libvirt_uri=uris.get(hostname),
+        key_file=str(key_file), known_hosts=known_hosts, ssh_command=wrapper, libvirt_uri=uris.get(hostname),
     )
 
 

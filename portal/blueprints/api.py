@@ -6,7 +6,6 @@ from flask import Blueprint, jsonify
 from flask_login import current_user, login_required
 
 from .. import permissions, summary as summary_mod
-from ..extensions import db
 from ..models import VM, Task
 from ..views_common import paginate
 from .vms import vm_list_query

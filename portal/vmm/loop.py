@@ -1,8 +1,6 @@
 """libvirt's default event loop, run in one daemon thread per process.
 
-Started on first use, never at import. Domain events need it, and so does
-the libssh transport: without a running loop, replies larger than a few
-kilobytes (``getCapabilities``) never arrive.
+Started on first use, never at import; domain events need it.
 """
 
 from __future__ import annotations

@@ -33,7 +33,6 @@ from .errors import (
     VmmError,
 )
 from .keys import fingerprint
-from .loop import ensure_event_loop
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -50,7 +49,8 @@ class Target:
     port: int = 22
     host_key: str | None = None  # pinned "type base64", e.g. "ssh-ed25519 AAAA..."
     key_file: str | None = None  # Corral's private key
-    known_hosts: str | None = None  # Corral's own known_hosts file (for libvirt's ssh)
+    known_hosts: str | None = None  # Corral's own known_hosts file for this server
+    ssh_command: str | None = None  # ssh wrapper libvirt runs (pins known_hosts)
     libvirt_uri: str | None = None  # explicit URI (overrides the one derived from transport)
 
     @property
@@ -64,16 +64,16 @@ class Target:
             return "qemu:///system"
         if self.transport == "test":
             return "test:///default"
-        # libssh (not the ssh binary) honours known_hosts= and writes nothing to
-        # root's own ~/.ssh/known_hosts; the pinned keys are in Corral's file.
-        params = ["sshauth=privkey"]
+        # The ssh binary, through a wrapper that pins Corral's own known_hosts
+        # (libvirt's known_hosts= is ignored by its ssh transport, and its
+        # libssh transport stalls 5 s on every large reply).
+        params = ["no_tty=1"]
         if self.key_file:
             params.append(f"keyfile={self.key_file}")
-        if self.known_hosts:
-            params.append(f"known_hosts={self.known_hosts}")
-            params.append("known_hosts_verify=normal")
+        if self.ssh_command:
+            params.append(f"command={self.ssh_command}")
         port = "" if self.port == 22 else f":{self.port}"
-        return f"qemu+libssh://root@{self.address}{port}/system?" + "&".join(params)
+        return f"qemu+ssh://root@{self.address}{port}/system?" + "&".join(params)
 
 
 @dataclass
@@ -138,7 +138,6 @@ class HostSession(abc.ABC):
 
 
 def connect_libvirt(target: Target) -> libvirt.virConnect:
-    ensure_event_loop()
     try:
         conn = libvirt.open(target.uri())
     except libvirt.libvirtError as exc:
@@ -242,6 +241,22 @@ class _PinnedKeyPolicy(paramiko.MissingHostKeyPolicy):
         if self.target.host_key is None:
             raise VmmError(f"{self.target.hostname}: no SSH host key is pinned (got {got}); add the server first")
         raise HostKeyMismatch(self.target.hostname, pinned_fingerprint(self.target.host_key), got)
+
+
+def write_ssh_wrapper(path: str | os.PathLike, known_hosts: str) -> str:
+    """An ssh command for libvirt's qemu+ssh that trusts only ``known_hosts``."""
+    opts = ["-o", f"UserKnownHostsFile={known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", "StrictHostKeyChecking=yes", "-o", "UpdateHostKeys=no", "-o", "BatchMode=yes",
+            "-o", "IdentitiesOnly=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT}",
+            "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
+    script = f"#!/bin/sh\nexec ssh {shlex.join(opts)} \"$@\"\n"
+    path = Path(path)
+    if not path.exists() or path.read_text() != script:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(script)
+        tmp.chmod(0o700)
+        tmp.replace(path)
+    return str(path)
 
 
 def pinned_fingerprint(host_key: str) -> str:

@@ -8,7 +8,7 @@ import threading
 
 from rq.job import Job
 
-from portal import actionlog, tasks
+from portal import tasks
 from portal.extensions import db, queues
 from portal.jobs.accounts import export_actionlog
 from portal.models import ActionLog, Task, TaskState, User
