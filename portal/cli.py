@@ -42,7 +42,7 @@ def main() -> None:
 
 def init_app(app: Flask) -> None:
     """Flask's own ``flask --app portal ...`` sees the same commands."""
-    for cmd in (create_manager, worker, up, init, monitor, add_local_server):
+    for cmd in (create_manager, worker, up, init, monitor, add_local_server, add_test_appliance):
         if cmd.name not in app.cli.commands:
             app.cli.add_command(cmd)
 
@@ -149,6 +149,17 @@ def add_local_server(disk: str):
     click.echo(f"Registered {server.hostname} (guests run as {server.domain_type}).")
 
 
+@click.command("add-test-appliance")
+@with_appcontext
+def add_test_appliance():
+    """Build the small test appliance (or reuse the cached build) and add it to the library."""
+    from . import library
+
+    row = library.ensure_test_appliance()
+    db.session.commit()
+    click.echo(f"Added appliance {row.name}." if row else f"The library has {library.TEST_APPLIANCE} already.")
+
+
 def _redis_answers(url: str) -> bool:
     try:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
@@ -210,6 +221,16 @@ def up(bind: str | None, workers: int, no_local_server: bool):
                 click.echo(f"This machine is VM server {server.hostname} (guests run as {server.domain_type}).")
         except local_server.LocalServerError as exc:
             click.echo(f"Could not register this machine as a VM server: {exc}", err=True)
+
+    from . import library
+
+    try:
+        if library.ensure_test_appliance() is not None:
+            db.session.commit()
+            click.echo(f"Added the test appliance {library.TEST_APPLIANCE} to the library.")
+    except Exception as exc:  # the portal still runs without it
+        db.session.rollback()
+        click.echo(f"Could not add the test appliance: {exc}", err=True)
 
     env = dict(os.environ, CORRAL_INSTANCE_PATH=str(instance))
     children.append(("monitor", subprocess.Popen([sys.executable, "-m", "portal", "monitor"], env=env)))

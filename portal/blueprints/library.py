@@ -1,16 +1,46 @@
-"""Library: virtual appliances and ISO images. Everyone may browse and use."""
+"""Library: virtual appliances and ISO images. Everyone may browse and use; managers manage."""
 
 from __future__ import annotations
 
-from flask import Blueprint
-from flask_login import login_required
-from sqlalchemy.orm import selectinload
+import hashlib
+import json
+import shutil
+import uuid
+from pathlib import Path
 
+from flask import Blueprint, flash, redirect, render_template, url_for
+from flask_login import current_user, login_required
+from flask_wtf import FlaskForm
+from flask_wtf.file import FileField, FileRequired, MultipleFileField
+from sqlalchemy.orm import selectinload
+from wtforms import IntegerField, StringField, TextAreaField
+from wtforms.validators import DataRequired, Length, NumberRange, Optional, Regexp
+
+from .. import actionlog, library as library_mod, tasks
 from ..extensions import db
 from ..models import Appliance, IsoImage
+from ..permissions import manager_required
 from ..views_common import page_or_partial, paginate
 
 bp = Blueprint("library", __name__, url_prefix="/library")
+
+NAME = [DataRequired(), Length(min=2, max=64),
+        Regexp(r"^[A-Za-z0-9][A-Za-z0-9._ -]*$", message="Letters, digits, space, dot, dash and underscore only.")]
+
+
+class UploadApplianceForm(FlaskForm):
+    name = StringField("Name", validators=NAME)
+    description = TextAreaField("Description", validators=[Optional(), Length(max=2000)])
+    min_memory_mb = IntegerField("Minimum memory (MB)", default=256, validators=[NumberRange(16, 1 << 22)])
+    max_memory_mb = IntegerField("Maximum memory (MB)", default=4096, validators=[NumberRange(16, 1 << 22)])
+    vcpus = IntegerField("vCPUs", default=1, validators=[NumberRange(1, 64)])
+    os_hint = StringField("Operating system", validators=[Optional(), Length(max=64)])
+    disks = MultipleFileField("Disk images (1 to 4: qcow2, raw, vmdk or vdi; may be .gz, .xz or .zst)")
+
+
+class UploadIsoForm(FlaskForm):
+    name = StringField("Name", validators=NAME)
+    iso = FileField("ISO image", validators=[FileRequired()])
 
 
 @bp.route("/")
@@ -19,3 +49,107 @@ def index():
     page = paginate(db.select(Appliance).options(selectinload(Appliance.disks)).order_by(Appliance.name))
     isos = db.session.execute(db.select(IsoImage).order_by(IsoImage.name)).scalars().all()
     return page_or_partial("library/index.html", "library/_appliances.html", page=page, isos=isos)
+
+
+def _uploads_dir() -> Path:
+    path = library_mod.library_dir() / "uploads" / uuid.uuid4().hex
+    path.mkdir(parents=True)
+    return path
+
+
+@bp.route("/appliances/upload", methods=["GET", "POST"])
+@login_required
+@manager_required
+def upload_appliance():
+    from ..jobs.library import import_uploaded
+
+    form = UploadApplianceForm()
+    if form.validate_on_submit():
+        files = [f for f in (form.disks.data or []) if f and f.filename]
+        problem = None
+        if not 1 <= len(files) <= 4:
+            problem = "Choose one to four disk image files."
+        elif form.min_memory_mb.data > form.max_memory_mb.data:
+            problem = "The minimum memory is above the maximum."
+        elif db.session.execute(db.select(Appliance.id).where(Appliance.name == form.name.data.strip())).first():
+            problem = f"An appliance called {form.name.data.strip()} exists already."
+        if problem:
+            flash(problem, "error")
+        else:
+            folder = _uploads_dir()
+            for i, f in enumerate(files):
+                f.save(folder / f"upload-{i}")  # streamed to disk in chunks
+            meta = {"name": form.name.data.strip(), "description": form.description.data,
+                    "min_memory_mb": form.min_memory_mb.data, "max_memory_mb": form.max_memory_mb.data,
+                    "vcpus": form.vcpus.data, "os_hint": form.os_hint.data, "user_id": current_user.id,
+                    "files": [f"upload-{i}" for i in range(len(files))], "names": [f.filename for f in files]}
+            try:
+                sub = tasks.submit("appliance-import", import_uploaded, title=f"Import appliance {meta['name']}",
+                                   requester_id=current_user.id, key=f"appliance-import:{meta['name']}",
+                                   args=(str(folder), json.dumps(meta)))
+            except tasks.QueueUnavailable:
+                shutil.rmtree(folder, ignore_errors=True)
+                flash("The task queue is not answering; nothing was imported.", "error")
+            else:
+                if not sub.created:
+                    shutil.rmtree(folder, ignore_errors=True)
+                return redirect(url_for("tasks.detail", task_id=sub.task.id))
+    status = 400 if form.is_submitted() else 200
+    return render_template("library/upload.html", form=form), status
+
+
+@bp.post("/appliances/<int:appliance_id>/delete")
+@login_required
+@manager_required
+def delete_appliance(appliance_id: int):
+    row = db.get_or_404(Appliance, appliance_id)
+    actionlog.record("appliance-deleted", target=row)
+    folder = library_mod.appliance_dir(row.id)
+    db.session.delete(row)  # VMs keep running from their own copies (appliance_id becomes empty)
+    db.session.commit()
+    shutil.rmtree(folder, ignore_errors=True)
+    flash(f"Deleted the appliance {row.name}; VMs created from it are untouched.", "success")
+    return redirect(url_for("library.index"))
+
+
+@bp.route("/isos/upload", methods=["GET", "POST"])
+@login_required
+@manager_required
+def upload_iso():
+    form = UploadIsoForm()
+    if form.validate_on_submit():
+        name = form.name.data.strip()
+        if db.session.execute(db.select(IsoImage.id).where(IsoImage.name == name)).first():
+            flash(f"An ISO image called {name} exists already.", "error")
+        else:
+            folder = library_mod.library_dir() / "isos"
+            folder.mkdir(exist_ok=True)
+            part = folder / f"{uuid.uuid4().hex}.part"
+            digest, size = hashlib.sha256(), 0
+            with part.open("wb") as out:
+                while chunk := form.iso.data.stream.read(8 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+            if not _is_iso9660(part):
+                part.unlink(missing_ok=True)
+                flash(f"{form.iso.data.filename} is not an ISO 9660 image.", "error")
+            else:
+                final = part.with_suffix(".iso")
+                part.replace(final)
+                iso = IsoImage(name=name, path=str(final), size_bytes=size, sha256=digest.hexdigest(),
+                               created_by_id=current_user.id)
+                db.session.add(iso)
+                db.session.flush()
+                actionlog.record("iso-added", target=iso, detail=f"{size} bytes")
+                db.session.commit()
+                flash(f"Added the ISO image {name}.", "success")
+                return redirect(url_for("library.index"))
+    status = 400 if form.is_submitted() else 200
+    return render_template("library/upload_iso.html", form=form), status
+
+
+def _is_iso9660(path: Path) -> bool:
+    with path.open("rb") as fh:
+        fh.seek(0x8001)
+        return fh.read(5) == b"CD001"

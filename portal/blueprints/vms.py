@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, request
+from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
+from flask_wtf import FlaskForm
 from sqlalchemy.orm import selectinload
+from wtforms import BooleanField, IntegerField, SelectChoice, SelectField, StringField
+from wtforms.validators import DataRequired, Length, NumberRange, Optional
 
-from .. import permissions
-from ..extensions import db
-from ..models import VM, Task, User, VMState
+from .. import actionlog, macs, permissions, quotas, tasks, vms as vms_mod
+from ..extensions import db, queues
+from ..models import VM, Appliance, Server, ServerDisk, ServerStatus, Task, User, VMState
 from ..views_common import page_or_partial, paginate
 
 bp = Blueprint("vms", __name__, url_prefix="/vms")
@@ -47,4 +50,149 @@ def detail(vm_id: int):
         db.select(Task).where(Task.target_type == "vm", Task.target_id == vm.id)
         .order_by(Task.created_at.desc()).limit(20)
     ).scalars().all()
-    return page_or_partial("vms/detail.html", "vms/_detail.html", vm=vm, history=history)
+    return page_or_partial("vms/detail.html", "vms/_detail.html", vm=vm, history=history,
+                           actions=vms_mod.allowed_actions(vm), labels=vms_mod.ACTION_LABELS,
+                           can_delete=permissions.can_delete_vm(current_user, vm))
+
+
+class NewVMForm(FlaskForm):
+    name = StringField("Name", validators=[DataRequired(), Length(max=8)])
+    appliance = SelectField("Appliance", coerce=int)
+    memory_mb = IntegerField("Memory (MB)", validators=[DataRequired(), NumberRange(16, 1 << 22)])
+    vcpus = IntegerField("vCPUs", default=1, validators=[NumberRange(1, 64)])
+    placement = SelectField("Server and VM disk", default="auto")
+    clone = BooleanField("Clone VM (copy-on-write overlay on a base cached on the server: ready in seconds)")
+    usb_tablet = BooleanField("USB tablet (smooth mouse in the web console)")
+    mac = StringField("Custom MAC (empty: generated from the VMID)", validators=[Optional(), Length(max=17)])
+
+
+def _new_vm_form() -> NewVMForm:
+    form = NewVMForm()
+    appliances = db.session.execute(
+        db.select(Appliance).where(Appliance.state == "ready").order_by(Appliance.name)).scalars().all()
+    form.appliance.choices = [SelectChoice(a.id, f"{a.name} ({a.min_memory_mb}-{a.max_memory_mb} MB)")
+                              for a in appliances]
+    disks = db.session.execute(
+        db.select(ServerDisk).join(Server).where(Server.status == ServerStatus.UP.value)
+        .order_by(Server.hostname, ServerDisk.mountpoint)).scalars().all()
+    if not form.is_submitted() and request.args.get("appliance", "").isdigit():
+        form.appliance.data = int(request.args["appliance"])
+    form.placement.choices = [SelectChoice("auto", "Automatic (enough free memory, most free disk, fewest VMs)")] + [
+        SelectChoice(str(d.id), f"{d.server.hostname}:{d.mountpoint} ({d.free_gb if d.free_gb is not None else '?'} "
+                                f"GB free)") for d in disks]
+    return form
+
+
+@bp.route("/new", methods=["GET", "POST"])
+@login_required
+def new():
+    from ..jobs.vms import create_vm
+
+    if not permissions.can_create_vm(current_user):
+        abort(403)
+    form = _new_vm_form()
+    if not form.appliance.choices and request.method == "GET":
+        flash("The library has no ready appliance yet; a manager adds one first.", "info")
+    if form.validate_on_submit():
+        appliance = db.session.get(Appliance, form.appliance.data)
+        disk_id = None if form.placement.data == "auto" else int(form.placement.data)
+        try:
+            placement = vms_mod.place(form.memory_mb.data, 1, disk_id=disk_id)
+            vm = vms_mod.record_new_vm(owner=current_user._get_current_object(), name=form.name.data,
+                                       appliance=appliance, memory_mb=form.memory_mb.data, vcpus=form.vcpus.data,
+                                       placement=placement, clone=form.clone.data, usb_tablet=form.usb_tablet.data,
+                                       mac=form.mac.data or None)
+        except (vms_mod.VMError, quotas.QuotaExceeded, macs.MacError) as exc:
+            db.session.rollback()
+            flash(str(exc), "error")
+        else:
+            try:
+                sub = tasks.submit("vm-create", create_vm, title=f"Create VM {vm.name}", requester_id=current_user.id,
+                                   target=vm, args=(vm.id,))
+            except tasks.QueueUnavailable:
+                flash("The task queue is not answering; the VM is recorded as partially created.", "error")
+                vm.state = VMState.PARTIAL.value
+                db.session.commit()
+                return redirect(url_for("vms.detail", vm_id=vm.id))
+            flash(f"Creating {vm.name} on {placement.server.hostname}: {placement.reason}.", "info")
+            return redirect(url_for("tasks.detail", task_id=sub.task.id))
+    status = 400 if form.is_submitted() else 200
+    return render_template("vms/new.html", form=form, quota=quotas.lines(current_user)), status
+
+
+def _vm_task(vm: VM, kind: str, func, title: str, *args):
+    try:
+        sub = tasks.submit(kind, func, title=title, requester_id=current_user.id, target=vm, key=f"vm:{vm.id}",
+                           args=(vm.id, *args))
+    except tasks.QueueUnavailable:
+        flash("The task queue is not answering; nothing was started.", "error")
+        return None
+    if not sub.created:
+        flash(f"{vm.name} is busy with task {sub.task.id} ({sub.task.title}); try again when it ends.", "info")
+    return sub.task
+
+
+@bp.post("/<int:vm_id>/power/<action>")
+@login_required
+def power(vm_id: int, action: str):
+    from ..jobs.vms import power_vm
+
+    vm = permissions.get_vm_or_404(vm_id)
+    if not permissions.can_operate_vm(current_user, vm):
+        abort(403)
+    try:
+        vms_mod.check_action(vm, action)
+    except vms_mod.VMError as exc:
+        flash(str(exc), "error")
+    else:
+        _vm_task(vm, f"vm-{action}", power_vm, f"{vms_mod.ACTION_LABELS[action]} {vm.name}", action)
+    if request.headers.get("HX-Request"):
+        return _state_panel(vm)
+    return redirect(url_for("vms.detail", vm_id=vm.id))
+
+
+@bp.post("/<int:vm_id>/delete")
+@login_required
+def delete(vm_id: int):
+    from ..jobs.vms import delete_vm
+
+    vm = permissions.get_vm_or_404(vm_id)
+    if not permissions.can_delete_vm(current_user, vm):
+        abort(403)
+    if vm.state not in (VMState.OFF.value, VMState.PARTIAL.value, VMState.SAVED.value, VMState.CRASHED.value):
+        flash(f"Power {vm.name} off before deleting it (it is {vm.state_enum.label}).", "error")
+        return redirect(url_for("vms.detail", vm_id=vm.id))
+    actionlog.record("vm-delete-requested", target=vm)
+    task = _vm_task(vm, "vm-delete", delete_vm, f"Delete VM {vm.name}")
+    if task is None:
+        return redirect(url_for("vms.detail", vm_id=vm.id))
+    return redirect(url_for("tasks.detail", task_id=task.id))
+
+
+def _state_panel(vm: VM):
+    active = db.session.execute(
+        db.select(Task).where(Task.target_type == "vm", Task.target_id == vm.id,
+                              Task.state.in_(["queued", "running"]))).scalars().first()
+    return render_template("vms/_state.html", vm=vm, actions=vms_mod.allowed_actions(vm), active=active,
+                           labels=vms_mod.ACTION_LABELS)
+
+
+@bp.route("/<int:vm_id>/_state")
+@login_required
+def state(vm_id: int):
+    return _state_panel(permissions.get_vm_or_404(vm_id))
+
+
+@bp.route("/<int:vm_id>/_console")
+@login_required
+def console(vm_id: int):
+    """The serial log's tail, fetched by a worker (never over SSH in this request)."""
+    from ..jobs.vms import console_key, read_console
+
+    vm = permissions.get_vm_or_404(vm_id)
+    key = console_key(vm.id)
+    text = queues.redis.get(key)
+    # At most one fetch every 2 s per VM, whoever is watching.
+    if queues.redis.set(f"{key}:pending", 1, nx=True, ex=2):
+        queues.queue().enqueue(read_console, vm.id, result_ttl=0, failure_ttl=60, job_timeout=60)
+    return render_template("vms/_console.html", vm=vm, text=text.decode(errors="replace") if text else None)

@@ -1,8 +1,8 @@
 """One session per VM server: run commands, copy files, talk to libvirt.
 
 ``open_session(target)`` gives an :class:`SSHSession` (Fabric) for remote
-servers, a :class:`LocalSession` (invoke) for this machine, and both offer the
-same interface. Commands are always argument lists, quoted here, never
+servers, a :class:`LocalSession` for this machine, and both offer the same
+interface. Commands are always argument lists, quoted here, never
 strings a caller built. The SSH host key pinned when the server was added is
 the only one accepted.
 """
@@ -14,6 +14,7 @@ import os
 import shlex
 import shutil
 import socket
+import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,15 +150,19 @@ def connect_libvirt(target: Target) -> libvirt.virConnect:
 
 
 class LocalSession(HostSession):
-    """This machine, through invoke."""
+    """This machine. Commands run through :func:`subprocess.run` with the
+    argument list as is (no shell); invoke's local runner, which Fabric uses
+    remotely, leaves its pipe handles open."""
 
     def _run(self, argv: list[str], *, timeout: float, input: str | None) -> Result:
-        ctx = invoke.Context()
         try:
-            r = ctx.run(shlex.join(argv), hide=True, warn=True, timeout=timeout, in_stream=_stream(input))
-        except invoke.CommandTimedOut as exc:
+            r = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout,
+                               stdin=None if input is not None else subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as exc:
             raise CommandTimeout(f"{self.target.hostname}: `{shlex.join(argv)}` ran past {timeout} s") from exc
-        return Result(argv, r.exited, r.stdout, r.stderr)
+        except FileNotFoundError as exc:
+            return Result(argv, 127, "", str(exc))
+        return Result(argv, r.returncode, r.stdout, r.stderr)
 
     def put(self, local, remote, progress=None):
         _copy_with_progress(Path(local), Path(remote), progress)

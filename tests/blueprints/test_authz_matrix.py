@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from portal.extensions import db
-from portal.models import ActionLog, Role, Task
+from portal.models import ActionLog, Appliance, Role, Task
 from tests.conftest import PASSWORD, make_server, make_user, make_vm
 
 ROLES = ["anon", "regular", "power", "manager"]
@@ -50,7 +50,23 @@ MATRIX: dict[str, tuple[str, str, dict]] = {
                         {"anon": ANON, "regular": 403, "power": 403, "manager": 200}),
     "vms.index": ("GET", "/vms/", {"anon": ANON, "regular": 200, "power": 200, "manager": 200}),
     "vms.detail": ("GET", "/vms/{vm}", {"anon": ANON, "regular": OWNED, "power": OWNED, "manager": MANAGER_ALL}),
+    "vms.new": ("GET", "/vms/new", {"anon": ANON, "regular": 403, "power": 200, "manager": 200}),
+    "vms.power": ("POST", "/vms/{vm}/power/start",
+                  {"anon": ANON, "regular": {"own": 302, "other": 404}, "power": {"own": 302, "other": 404},
+                   "manager": {"own": 302, "other": 302}}),
+    "vms.state": ("GET", "/vms/{vm}/_state", {"anon": ANON, "regular": OWNED, "power": OWNED, "manager": MANAGER_ALL}),
+    "vms.console": ("GET", "/vms/{vm}/_console",
+                    {"anon": ANON, "regular": OWNED, "power": OWNED, "manager": MANAGER_ALL}),
+    "vms.delete": ("POST", "/vms/{vm}/delete",
+                   {"anon": ANON, "regular": {"own": 403, "other": 404}, "power": {"own": 302, "other": 404},
+                    "manager": {"own": 302, "other": 302}}),
     "library.index": ("GET", "/library/", {"anon": ANON, "regular": 200, "power": 200, "manager": 200}),
+    "library.upload_appliance": ("GET", "/library/appliances/upload",
+                                 {"anon": ANON, "regular": 403, "power": 403, "manager": 200}),
+    "library.upload_iso": ("GET", "/library/isos/upload", {"anon": ANON, "regular": 403, "power": 403, "manager": 200}),
+    # Appliances belong to nobody; the manager's first request deletes it, the second finds nothing.
+    "library.delete_appliance": ("POST", "/library/appliances/{appliance}/delete",
+                                 {"anon": ANON, "regular": 403, "power": 403, "manager": {"own": 302, "other": 404}}),
     "users.index": ("GET", "/users/", {"anon": ANON, "regular": 403, "power": 403, "manager": 200}),
     "users.new": ("GET", "/users/new", {"anon": ANON, "regular": 403, "power": 403, "manager": 200}),
     "users.edit": ("GET", "/users/{user}", {"anon": ANON, "regular": 403, "power": 403, "manager": 200}),
@@ -81,6 +97,10 @@ def _objects(app) -> dict[str, dict]:
     out: dict[str, dict] = {}
     with app.app_context():
         server = make_server("srvmatrix")
+        appliance = Appliance(name="matrix-app", state="ready")
+        db.session.add(appliance)
+        db.session.commit()
+        out["appliance"] = appliance.id
         people = {
             "regular": make_user("reg"),
             "power": make_user("pow", Role.POWER),
@@ -142,6 +162,7 @@ def test_matrix(matrix_app, role):
                 continue  # routes without an object: one case is enough
             owner = objs["victim"] if whose == "other" else objs.get(role, objs["regular"])
             ids = {k: owner[k] for k in ("vm", "task", "export", "server")}
+            ids["appliance"] = objs["appliance"]
             ids["user"] = objs["victim"]["user"]  # never reset the acting user's own password
             url = template.format(**ids)
             with client.open(url, method=method) as resp:

@@ -1,0 +1,174 @@
+"""The library: uploads detected by content, converted to qcow2; rejects leave nothing behind."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import lzma
+import subprocess
+from pathlib import Path
+
+import pytest
+from werkzeug.datastructures import FileStorage, MultiDict
+from werkzeug.test import encode_multipart
+
+from portal.extensions import db
+from portal.models import ActionLog, Appliance, IsoImage, Role, Task
+from portal.vmm import appliance as builder
+from tests.bed import Bed
+from tests.conftest import PASSWORD, make_user, run_worker_burst
+
+
+@pytest.fixture(scope="session")
+def image() -> Path:
+    """The small test appliance (qcow2), built once and cached where the bed keeps it."""
+    return Path(builder.build_appliance(Bed().appliance_cache))
+
+
+@pytest.fixture
+def manager(app, client):
+    app.config["WTF_CSRF_ENABLED"] = False
+    with app.app_context():
+        make_user("boss", Role.MANAGER)
+    client.post("/login", data={"username": "boss", "password": PASSWORD})
+    return client
+
+
+def post_multipart(client, url, fields: dict, files: list[tuple[str, str, bytes]], **kw):
+    """A multipart POST encoded in memory (the test client's own encoder leaves a temp file open)."""
+    data = MultiDict(fields)
+    for field, filename, content in files:
+        data.add(field, FileStorage(io.BytesIO(content), filename=filename))
+    boundary, body = encode_multipart(data)
+    return client.post(url, data=body, content_type=f"multipart/form-data; boundary={boundary}", **kw)
+
+
+def upload(client, name, files, **extra):
+    fields = {"name": name, "min_memory_mb": 128, "max_memory_mb": 1024, "vcpus": 1, **extra}
+    return post_multipart(client, "/library/appliances/upload", fields,
+                          [("disks", filename, content) for filename, content in files])
+
+
+def finished_task(app) -> Task:
+    with app.app_context():
+        task = db.session.execute(db.select(Task).order_by(Task.id.desc())).scalars().first()
+        db.session.expunge(task)
+        return task
+
+
+def library_files(app) -> list[Path]:
+    root = Path(app.instance_path) / "library"
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def convert(image: Path, fmt: str, tmp_path: Path) -> bytes:
+    out = tmp_path / f"img.{fmt}"
+    subprocess.run(["qemu-img", "convert", "-O", fmt, str(image), str(out)], check=True)
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("fmt, compress", [("qcow2", None), ("qcow2", "gz"), ("raw", "xz"), ("vmdk", None),
+                                           ("vdi", "zst")])
+def test_upload_detects_format_by_content_and_converts(app, manager, image, tmp_path, fmt, compress):
+    content = image.read_bytes() if fmt == "qcow2" else convert(image, fmt, tmp_path)
+    if compress == "gz":
+        content = gzip.compress(content)
+    elif compress == "xz":
+        content = lzma.compress(content)
+    elif compress == "zst":
+        raw = tmp_path / "in"
+        raw.write_bytes(content)
+        subprocess.run(["zstd", "-q", "-f", str(raw), "-o", str(tmp_path / "in.zst")], check=True)
+        content = (tmp_path / "in.zst").read_bytes()
+    # A misleading file name: the format comes from the contents.
+    r = upload(manager, f"app-{fmt}", [("disk.iso", content)])
+    assert r.status_code == 302
+    run_worker_burst()
+    task = finished_task(app)
+    assert task.state == "succeeded", task.log
+    with app.app_context():
+        row = db.session.execute(db.select(Appliance).where(Appliance.name == f"app-{fmt}")).scalar_one()
+        assert row.state == "ready" and len(row.disks) == 1
+        disk = row.disks[0]
+        assert disk.format == "qcow2" and disk.virtual_size_bytes == builder.DISK_SIZE and len(disk.sha256) == 64
+        info = subprocess.run(["qemu-img", "info", disk.path], capture_output=True, text=True).stdout
+        assert "file format: qcow2" in info
+    assert not list((Path(app.instance_path) / "library" / "uploads").iterdir())  # upload area emptied
+
+
+@pytest.mark.parametrize("filename, content, message", [
+    ("notes.qcow2", b"this is a text file, not a disk\n" * 100, "not a disk image"),
+    ("broken.qcow2.gz", b"\x1f\x8b\x08\x00" + b"garbage" * 50, "gz data is damaged"),
+    ("empty.raw", b"", "not a disk image"),
+])
+def test_bad_uploads_are_rejected_and_leave_nothing(app, manager, filename, content, message):
+    r = upload(manager, "bad-app", [(filename, content)])
+    assert r.status_code == 302
+    run_worker_burst()
+    task = finished_task(app)
+    assert task.state == "failed" and message in task.error, task.error
+    assert filename in task.error or filename.startswith("empty")
+    with app.app_context():
+        assert db.session.execute(db.select(db.func.count(Appliance.id))).scalar_one() == 0
+    assert library_files(app) == []
+
+
+def test_truncated_qcow2_is_rejected(app, manager, image):
+    data = image.read_bytes()
+    r = upload(manager, "cut", [("cut.qcow2", data[: len(data) // 3])])
+    assert r.status_code == 302
+    run_worker_burst()
+    task = finished_task(app)
+    assert task.state == "failed" and "cut.qcow2" in task.error
+    assert library_files(app) == []
+
+
+def test_upload_form_rejects_bad_input_without_a_task(app, manager, image):
+    good = [("d.qcow2", b"x")]
+    cases = [
+        ("", good, {}, "This field is required"),
+        ("a/b", good, {}, "Letters, digits"),
+        ("ok-name", [], {}, "Choose one to four disk image files"),
+        ("ok-name", good * 5, {}, "Choose one to four disk image files"),
+        ("ok-name", good, {"min_memory_mb": 2048, "max_memory_mb": 1024}, "minimum memory is above the maximum"),
+    ]
+    for name, files, extra, message in cases:
+        r = upload(manager, name, files, **extra)
+        assert r.status_code == 400 and message in r.get_data(as_text=True), (name, message)
+    with app.app_context():
+        assert db.session.execute(db.select(db.func.count(Task.id))).scalar_one() == 0
+    assert library_files(app) == []
+
+
+def test_iso_upload_and_rejection(app, manager):
+    iso = Path(builder.build_iso(Bed().appliance_cache))
+    r = post_multipart(manager, "/library/isos/upload", {"name": "boot-iso"}, [("iso", "x.iso", iso.read_bytes())],
+                       follow_redirects=True)
+    assert "Added the ISO image boot-iso" in r.get_data(as_text=True)
+    r = post_multipart(manager, "/library/isos/upload", {"name": "fake"}, [("iso", "f.iso", b"nope" * 9000)])
+    assert r.status_code == 400 and "not an ISO 9660 image" in r.get_data(as_text=True)
+    with app.app_context():
+        rows = db.session.execute(db.select(IsoImage)).scalars().all()
+        assert [r.name for r in rows] == ["boot-iso"] and rows[0].size_bytes == iso.stat().st_size
+    assert len([p for p in library_files(app) if p.suffix == ".iso"]) == 1
+
+
+def test_deleting_an_appliance_keeps_vms(app, manager, image):
+    from portal import library
+    from tests.conftest import make_vm
+
+    with app.app_context():
+        app.config["APPLIANCE_CACHE"] = str(Bed().appliance_cache)
+        row = library.ensure_test_appliance()
+        vm = make_vm(make_user("pat"), "keepme", appliance_id=row.id)
+        db.session.commit()
+        ids = row.id, vm.id
+    r = manager.post(f"/library/appliances/{ids[0]}/delete", follow_redirects=True)
+    assert "VMs created from it are untouched" in r.get_data(as_text=True)
+    with app.app_context():
+        from portal.models import VM
+
+        vm = db.session.get(VM, ids[1])
+        assert vm is not None and vm.appliance_id is None
+        assert db.session.execute(db.select(ActionLog).where(ActionLog.action == "appliance-deleted")).scalar_one()
+    assert library_files(app) == []

@@ -1,0 +1,190 @@
+"""VMs end to end on the bed: create (full copy and clones), power, console, delete."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from portal import library
+from portal.extensions import db
+from portal.models import VM, Appliance, Role, ServerDisk, Task
+from tests.conftest import PASSWORD, make_user, register_bed_server, run_worker_burst
+
+pytestmark = pytest.mark.bed
+
+
+@pytest.fixture
+def setup(app, client, bed_servers, appliance_image):
+    app.config.update(WTF_CSRF_ENABLED=False, APPLIANCE_CACHE=str(appliance_image.parent))
+    sids = [register_bed_server(app, bs) for bs in bed_servers[:2]]
+    with app.app_context():
+        make_user("pow", Role.POWER, max_vms=5, max_memory_mb=2048, max_disk_gb=50)
+        appliance_id = library.ensure_test_appliance().id
+        db.session.commit()
+        disks = {s: db.session.execute(db.select(ServerDisk.id).where(ServerDisk.server_id == s)).scalar_one()
+                 for s in sids}
+    assert client.post("/login", data={"username": "pow", "password": PASSWORD}).status_code == 302
+    yield {"servers": sids, "disks": disks, "appliance": appliance_id}
+    # Whatever a failed test left behind on the servers.
+    for bs in bed_servers[:2]:
+        names = subprocess.run(["virsh", "-c", bs.uri_tcp, "list", "--all", "--name"], capture_output=True,
+                               text=True).stdout.split()
+        for name in names:
+            if name.startswith("t-"):
+                subprocess.run(["virsh", "-c", bs.uri_tcp, "destroy", name], capture_output=True)
+                subprocess.run(["virsh", "-c", bs.uri_tcp, "undefine", "--managed-save", name], capture_output=True)
+        subprocess.run(["rm", "-rf", str(bs.host_path(f"{bs.disk_dir}/corral-vms")),
+                        str(bs.host_path(f"{bs.disk_dir}/corral-bases"))])
+
+
+def create(client, setup, name, *, server=0, clone=False, mac="", memory=256):
+    data = {"name": name, "appliance": setup["appliance"], "memory_mb": memory, "vcpus": 1,
+            "placement": str(setup["disks"][setup["servers"][server]]), "mac": mac}
+    if clone:
+        data["clone"] = "y"
+    return client.post("/vms/new", data=data)
+
+
+def vm_row(app, name) -> VM:
+    with app.app_context():
+        vm = db.session.execute(db.select(VM).where(VM.name == name)).scalar_one_or_none()
+        if vm is not None:
+            db.session.expunge(vm)
+        return vm
+
+
+def last_task(app, name) -> Task:
+    with app.app_context():
+        vm_id = db.session.execute(db.select(VM.id).where(VM.name == name)).scalar_one()
+        return db.session.execute(db.select(Task).where(Task.target_type == "vm", Task.target_id == vm_id)
+                                  .order_by(Task.id.desc())).scalars().first()
+
+
+def act(app, client, name, action, expect_state):
+    vm = vm_row(app, name)
+    r = client.post(f"/vms/{vm.id}/power/{action}")
+    assert r.status_code == 302
+    run_worker_burst()
+    task = last_task(app, name)
+    assert task.state == "succeeded", (action, task.error, task.log)
+    assert vm_row(app, name).state == expect_state, action
+
+
+def domstate(bs, name) -> str:
+    return subprocess.run(["virsh", "-c", bs.uri_tcp, "domstate", name], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def wait_serial(bs, name, predicate, timeout=90):
+    path = bs.host_path(f"/var/log/libvirt/qemu/{name}.serial.log")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        if predicate(text):
+            return text
+        time.sleep(0.3)
+    pytest.fail(f"serial log of {name} never matched; tail: {text[-500:]}")
+
+
+def test_full_copy_and_clones_boot_operate_and_delete_cleanly(app, client, setup, bed_servers):
+    bs1, bs2 = bed_servers[:2]
+    assert create(client, setup, "t-full").status_code == 302
+    assert create(client, setup, "t-cl1", server=1, clone=True).status_code == 302
+    run_worker_burst()
+    assert create(client, setup, "t-cl2", server=1, clone=True).status_code == 302
+    run_worker_burst()
+    for name in ("t-full", "t-cl1", "t-cl2"):
+        task = next(t for t in [last_task(app, name)])
+        assert task.state == "succeeded", (name, task.error, task.log)
+        assert vm_row(app, name).state == "off"
+    assert "is cached on the server" in last_task(app, "t-cl2").log  # the second clone reused the base
+    with app.app_context():
+        full = db.session.execute(db.select(VM).where(VM.name == "t-full")).scalar_one()
+        clone = db.session.execute(db.select(VM).where(VM.name == "t-cl1")).scalar_one()
+        assert full.vdisks[0].backing_path is None and clone.vdisks[0].backing_path.endswith(".qcow2")
+        full_path, clone_path, base = full.vdisks[0].path, clone.vdisks[0].path, clone.vdisks[0].backing_path
+        mac = full.nics[0].mac
+    assert bs1.host_path(full_path).exists() and bs2.host_path(clone_path).exists() and bs2.host_path(base).exists()
+    assert domstate(bs1, "t-full") == "shut off" and domstate(bs2, "t-cl1") == "shut off"
+    assert mac.startswith("02:c0:")
+
+    # Power on, read the heartbeat from the serial log, then every button.
+    act(app, client, "t-full", "start", "running")
+    wait_serial(bs1, "t-full", lambda t: t.count("CORRAL-HB") >= 3 and "CORRAL-READY" in t)
+    act(app, client, "t-cl1", "start", "running")
+    wait_serial(bs2, "t-cl1", lambda t: "CORRAL-READY t-cl1" in t)
+    vm_id = vm_row(app, "t-full").id
+    client.get(f"/vms/{vm_id}/_console")  # asks a worker for the log's tail
+    run_worker_burst()
+    assert "CORRAL-HB" in client.get(f"/vms/{vm_id}/_console").get_data(as_text=True)
+
+    act(app, client, "t-full", "pause", "paused")
+    assert domstate(bs1, "t-full") == "paused"
+    act(app, client, "t-full", "resume", "running")
+    act(app, client, "t-full", "save", "saved")
+    assert domstate(bs1, "t-full") == "shut off"
+    act(app, client, "t-full", "restore", "running")
+    assert domstate(bs1, "t-full") == "running"
+    act(app, client, "t-full", "reboot", "running")
+    act(app, client, "t-full", "shutdown", "off")
+    assert "CORRAL-SHUTDOWN" in wait_serial(bs1, "t-full", lambda t: "CORRAL-SHUTDOWN" in t)
+    act(app, client, "t-cl1", "poweroff", "off")
+
+    # Buttons that make no sense now are refused with a reason.
+    r = client.post(f"/vms/{vm_id}/power/pause", follow_redirects=True)
+    assert "not possible while t-full is off" in r.get_data(as_text=True)
+
+    # Delete everything: nothing is left on either server.
+    for name in ("t-full", "t-cl1", "t-cl2"):
+        assert client.post(f"/vms/{vm_row(app, name).id}/delete").status_code == 302
+    run_worker_burst()
+    for name in ("t-full", "t-cl1", "t-cl2"):
+        assert vm_row(app, name) is None
+    for bs in (bs1, bs2):
+        listed = subprocess.run(["virsh", "-c", bs.uri_tcp, "list", "--all", "--name"], capture_output=True,
+                                text=True).stdout.split()
+        assert not [n for n in listed if n.startswith("t-")]
+        vms_dir = bs.host_path(f"{bs.disk_dir}/corral-vms")
+        assert not vms_dir.exists() or not any(vms_dir.iterdir())
+    with app.app_context():
+        assert db.session.get(Appliance, setup["appliance"]) is not None  # the library is untouched
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"name": "waytoolongname"}, "Field cannot be longer than 8"),
+    ({"name": "a;rm -rf"}, "1 to 8 letters, digits or hyphens"),
+    ({"name": "-lead"}, "1 to 8 letters, digits or hyphens"),
+    ({"memory": 4096}, "needs between 128 and 1024 MB"),
+    ({"memory": 64}, "needs between 128 and 1024 MB"),
+    ({"mac": "01:00:5e:00:00:01"}, "multicast"),
+    ({"mac": "nonsense"}, "not a MAC address"),
+])
+def test_bad_create_requests_change_nothing(app, client, setup, data, message):
+    kwargs = {"memory": data.get("memory", 256), "mac": data.get("mac", "")}
+    r = create(client, setup, data.get("name", "t-bad"), **kwargs)
+    body = r.get_data(as_text=True)
+    assert r.status_code == 400 and message in body, body[-3000:]
+    with app.app_context():
+        assert db.session.execute(db.select(db.func.count(VM.id))).scalar_one() == 0
+        assert db.session.execute(db.select(db.func.count(Task.id))).scalar_one() == 0
+
+
+def test_duplicate_name_and_mac_are_refused(app, client, setup):
+    assert create(client, setup, "t-one", mac="02:00:00:00:aa:01").status_code == 302
+    r = create(client, setup, "T-ONE")
+    assert r.status_code == 400 and "exists already" in r.get_data(as_text=True)
+    r = create(client, setup, "t-two", mac="02:00:00:00:AA:01")
+    assert r.status_code == 400 and "already used" in r.get_data(as_text=True)
+    with app.app_context():
+        assert db.session.execute(db.select(db.func.count(VM.id))).scalar_one() == 1
+
+
+def test_regular_users_cannot_create(app, setup):
+    with app.app_context():
+        make_user("reg")
+    other = app.test_client()
+    other.post("/login", data={"username": "reg", "password": PASSWORD})
+    assert other.get("/vms/new").status_code == 403
+    assert other.post("/vms/new", data={"name": "x"}).status_code == 403
