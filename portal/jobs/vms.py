@@ -16,7 +16,6 @@ from ..vmm.domain import DiskSpec, DomainSpec, NicSpec, render
 from ..vmm.errors import VmmError
 from . import Progress, TaskCancelled, task_job
 
-GUEST_BRIDGE = "br0"
 SHUTDOWN_PRESSES = 12  # ACPI power button presses, 10 s apart
 
 
@@ -32,10 +31,20 @@ def domain_spec(vm: VM) -> DomainSpec:
         name=vm.name, uuid=vms.domain_uuid(vm), memory_mb=vm.memory_mb, vcpus=vm.vcpus,
         domain_type=vm.server.domain_type,
         disks=tuple(DiskSpec(d.path, bus=d.bus, format=d.format) for d in vm.vdisks),
-        nics=tuple(NicSpec(n.mac, bridge=n.network.bridge if n.network else GUEST_BRIDGE) for n in vm.nics),
+        nics=tuple(nic_spec(n) for n in vm.nics),
         usb_tablet=vm.usb_tablet, serial_log=vms.serial_log_path(vm),
         description=f"Corral VM {vm.vmid} owned by {vm.owner.username}",
     )
+
+
+def nic_spec(nic) -> NicSpec:
+    """Bridged onto the network's bridge, on its libvirt network, or user-mode without a network."""
+    net = nic.network
+    if net is None:
+        return NicSpec(nic.mac)
+    if net.kind == "bridged":
+        return NicSpec(nic.mac, bridge=net.bridge)
+    return NicSpec(nic.mac, network=net.name)
 
 
 def _set_state(vm: VM, state: VMState) -> None:

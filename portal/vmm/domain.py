@@ -29,6 +29,7 @@ class NicSpec:
     mac: str
     bridge: str | None = None  # bridged onto a host bridge
     network: str | None = None  # or a libvirt network (NAT / isolated)
+    # neither: QEMU user-mode networking (outbound NAT, needs nothing on the server)
     model: str = "virtio"
 
 
@@ -133,7 +134,7 @@ def render(spec: DomainSpec) -> str:
             iface = _sub(devices, "interface", type="network")
             _sub(iface, "source", network=nic.network)
         else:
-            raise ValueError(f"NIC {nic.mac} has neither a bridge nor a network")
+            iface = _sub(devices, "interface", type="user")
         _sub(iface, "mac", address=nic.mac)
         _sub(iface, "model", type=nic.model)
     serial = _sub(devices, "serial", type="pty")

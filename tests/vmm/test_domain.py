@@ -22,6 +22,8 @@ def validate(xml: str, tmp_path) -> None:
 
 VARIANTS = {
     "minimal": DomainSpec(name="a1", uuid=str(uuid.uuid4()), memory_mb=256),
+    "user-mode-nic": DomainSpec(name="u1", uuid=str(uuid.uuid4()), memory_mb=256,
+                                nics=(NicSpec("02:c0:00:00:03:00"),)),
     "appliance": DomainSpec(name="web-01", uuid=str(uuid.uuid4()), memory_mb=512, vcpus=2,
                             disks=(DiskSpec("/var/lib/corral/disk1/web-01/disk0.qcow2"),),
                             nics=(NicSpec("02:c0:00:00:01:00", bridge="br0"),), serial_log="/var/log/x.log"),
