@@ -23,13 +23,28 @@ from .vmm.errors import VmmError
 from .vmm.session import Target, open_session
 
 LIBVIRT_SOCKET = Path("/run/libvirt/libvirt-sock")
+VIRTLOGD_SOCKET = Path("/run/libvirt/virtlogd-sock")  # QEMU's console and log output goes through it
 
 
 class LocalServerError(Exception):
     """This machine cannot be used as a VM server; the message says why."""
 
 
+def ensure_virtlogd() -> None:
+    """Start virtlogd when nothing (systemd's socket activation) provides it."""
+    if VIRTLOGD_SOCKET.exists():
+        return
+    daemon = shutil.which("virtlogd") or "/usr/sbin/virtlogd"
+    if Path(daemon).exists():
+        subprocess.run([daemon, "--daemon"], check=False, timeout=30)
+        for _ in range(50):
+            if VIRTLOGD_SOCKET.exists():
+                return
+            time.sleep(0.1)
+
+
 def ensure_libvirtd() -> None:
+    ensure_virtlogd()
     if LIBVIRT_SOCKET.exists() and subprocess.run(["virsh", "-c", "qemu:///system", "version"],
                                                   capture_output=True, timeout=30).returncode == 0:
         return
@@ -37,6 +52,7 @@ def ensure_libvirtd() -> None:
     if not Path(daemon).exists():
         raise LocalServerError("libvirtd is not installed (apt-get install libvirt-daemon-system qemu-system-x86).")
     subprocess.run([daemon, "--daemon"], check=False, timeout=60)
+    ensure_virtlogd()
     for _ in range(150):  # a first start probes QEMU's capabilities for a while
         if LIBVIRT_SOCKET.exists() and subprocess.run(["virsh", "-c", "qemu:///system", "version"],
                                                       capture_output=True, timeout=30).returncode == 0:
@@ -46,9 +62,10 @@ def ensure_libvirtd() -> None:
 
 
 def ensure_registered(disk: str = "/var/lib/corral/disk1") -> Server | None:
-    """Register this machine once; None when a local server exists already."""
+    """Register this machine once (None when it is already); start its daemons either way."""
     exists = db.session.execute(db.select(Server).where(Server.transport == "local")).scalar_one_or_none()
     if exists is not None:
+        ensure_libvirtd()
         return None
     return register(disk)
 
