@@ -179,5 +179,16 @@ def reconcile(task: Task, *, grace: timedelta = timedelta(seconds=30)) -> bool:
         return False
     if status in _DEAD_JOB_STATES or (status is None and utcnow() - task.created_at > grace):
         finish(task, TaskState.FAILED, error="The worker running this task stopped before it finished.")
+        _abandoned(task)
         return True
     return False
+
+
+def _abandoned(task: Task) -> None:
+    """What a task that died leaves behind: a VM it was creating is partially created."""
+    if task.kind == "vm-create" and task.target_type == "vm":
+        from .models import VM, VMState
+
+        vm = db.session.get(VM, task.target_id)
+        if vm is not None and vm.state == VMState.CREATING.value:
+            vm.state = VMState.PARTIAL.value

@@ -159,3 +159,34 @@ def check_action(vm: VM, action: str) -> None:
         raise VMError(f"{ACTION_LABELS[action]} is not possible while {vm.name} is {vm.state_enum.label}.")
     if vm.server is None or vm.server.status != ServerStatus.UP.value:
         raise VMError(f"{vm.name}'s server is not up.")
+
+
+def change_owner(vm: VM, new_owner: User) -> None:
+    """Give the VM to someone else; their quota must have room for it."""
+    if new_owner.id == vm.owner_id:
+        raise VMError(f"{new_owner.username} owns {vm.name} already.")
+    if new_owner.disabled:
+        raise VMError(f"{new_owner.username} is disabled.")
+    if new_owner.role == "power":
+        quotas.reserve(new_owner.id, vms=1, memory_mb=vm.memory_mb, disk_gb=vm.disk_gb)
+    old = vm.owner.username
+    vm.owner_id = new_owner.id
+    actionlog.record("vm-owner-changed", target=vm, detail=f"{old} -> {new_owner.username}")
+    db.session.flush()
+
+
+def check_settings(vm: VM, *, memory_mb: int, vcpus: int, disk_sizes: list[int]) -> None:
+    """Settings change only while the VM is off, within the appliance's range and the owner's quota."""
+    if vm.state != VMState.OFF.value:
+        raise VMError(f"Change settings while {vm.name} is off (it is {vm.state_enum.label}).")
+    if vm.appliance and not vm.appliance.min_memory_mb <= memory_mb <= vm.appliance.max_memory_mb:
+        raise VMError(f"{vm.appliance.name} needs between {vm.appliance.min_memory_mb} and "
+                      f"{vm.appliance.max_memory_mb} MB of memory.")
+    current = [d.size_gb for d in vm.vdisks]
+    if len(disk_sizes) != len(current) or any(new < old for new, old in zip(disk_sizes, current)):
+        raise VMError("Disks can only grow (shrinking would destroy data).")
+    owner = vm.owner
+    if owner.role == "power":
+        extra_mem = max(0, memory_mb - vm.memory_mb)
+        extra_disk = sum(disk_sizes) - sum(current)
+        quotas.reserve(owner.id, vms=0, memory_mb=extra_mem, disk_gb=extra_disk)

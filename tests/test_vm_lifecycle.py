@@ -188,3 +188,108 @@ def test_regular_users_cannot_create(app, setup):
     other.post("/login", data={"username": "reg", "password": PASSWORD})
     assert other.get("/vms/new").status_code == 403
     assert other.post("/vms/new", data={"name": "x"}).status_code == 403
+
+
+def test_settings_change_while_off_and_grow_disks(app, client, setup, bed_servers):
+    bs = bed_servers[0]
+    assert create(client, setup, "t-set").status_code == 302
+    run_worker_burst()
+    vm = vm_row(app, "t-set")
+    assert vm.state == "off"
+    r = client.post(f"/vms/{vm.id}/settings", data={"memory_mb": 384, "vcpus": 2, "disk-0": 2})
+    assert r.status_code == 302
+    run_worker_burst()
+    assert last_task(app, "t-set").state == "succeeded", last_task(app, "t-set").log
+    info = subprocess.run(["virsh", "-c", bs.uri_tcp, "dominfo", "t-set"], capture_output=True, text=True).stdout
+    assert "393216 KiB" in info and "CPU(s):         2" in info
+    with app.app_context():
+        path = db.session.get(VM, vm.id).vdisks[0].path
+    img = subprocess.run(["qemu-img", "info", "-U", str(bs.host_path(path))], capture_output=True, text=True).stdout
+    assert "virtual size: 2 GiB" in img
+    for data, message in [({"memory_mb": 4096, "vcpus": 1, "disk-0": 2}, "needs between 128 and 1024 MB"),
+                          ({"memory_mb": 256, "vcpus": 1, "disk-0": 1}, "Disks can only grow"),
+                          ({"memory_mb": 256, "vcpus": 1, "disk-0": 500}, "Quota exceeded")]:
+        r = client.post(f"/vms/{vm.id}/settings", data=data, follow_redirects=True)
+        assert message in r.get_data(as_text=True), message
+    act(app, client, "t-set", "start", "running")
+    r = client.post(f"/vms/{vm.id}/settings", data={"memory_mb": 256, "vcpus": 1, "disk-0": 2}, follow_redirects=True)
+    assert "while t-set is off" in r.get_data(as_text=True)
+    act(app, client, "t-set", "poweroff", "off")
+    with app.app_context():
+        assert db.session.get(VM, vm.id).memory_mb == 384
+
+
+def test_change_owner_respects_the_new_owners_quota(app, client, setup):
+    assert create(client, setup, "t-own").status_code == 302
+    vm_id = vm_row(app, "t-own").id
+    with app.app_context():
+        full = make_user("full", Role.POWER, max_vms=0, max_memory_mb=0, max_disk_gb=0).id
+        roomy = make_user("roomy", Role.POWER, max_vms=2, max_memory_mb=1024, max_disk_gb=10).id
+        make_user("boss", Role.MANAGER)
+    boss = app.test_client()
+    boss.post("/login", data={"username": "boss", "password": PASSWORD})
+    assert client.post(f"/vms/{vm_id}/owner", data={"owner": roomy}).status_code == 403  # power users cannot
+    r = boss.post(f"/vms/{vm_id}/owner", data={"owner": full}, follow_redirects=True)
+    assert "Quota exceeded for full" in r.get_data(as_text=True)
+    r = boss.post(f"/vms/{vm_id}/owner", data={"owner": roomy}, follow_redirects=True)
+    assert "now belongs to roomy" in r.get_data(as_text=True)
+    with app.app_context():
+        assert db.session.get(VM, vm_id).owner.username == "roomy"
+
+
+def test_worker_killed_mid_copy_leaves_a_partial_vm_that_deletes_cleanly(app, client, setup, bed_servers, tmp_path):
+    import os
+    import signal
+
+    from portal.models import ApplianceDisk
+    from portal.vmm import images
+    from tests.conftest import start_worker, stop_process
+
+    bs = bed_servers[0]
+    big = tmp_path / "big.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=full", str(big), "400M"],
+                   check=True)
+    with app.app_context():
+        row = Appliance(name="big", min_memory_mb=128, max_memory_mb=512, state="ready")
+        db.session.add(row)
+        db.session.flush()
+        db.session.add(ApplianceDisk(appliance_id=row.id, position=0, path=str(big), format="qcow2",
+                                     virtual_size_bytes=400 << 20, file_size_bytes=big.stat().st_size,
+                                     sha256=images.local_sha256(big)))
+        db.session.commit()
+        big_id = row.id
+    r = client.post("/vms/new", data={"name": "t-part", "appliance": big_id, "memory_mb": 256, "vcpus": 1,
+                                      "placement": str(setup["disks"][setup["servers"][0]])})
+    assert r.status_code == 302
+    task_id = int(r.headers["Location"].rstrip("/").split("/")[-1])
+    with open(tmp_path / "worker.log", "w") as log:
+        worker = start_worker(log=log)
+        try:
+            part = bs.host_path(f"{bs.disk_dir}/corral-vms/t-part/disk0.qcow2.part")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not (part.exists() and part.stat().st_size > 0):
+                time.sleep(0.01)  # kill once the copy is under way
+            horses = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
+            assert horses, "no work horse found"
+            for pid in horses:
+                os.kill(int(pid), signal.SIGKILL)  # the process copying the disk dies
+            # The worker notices its horse died and fails the job; the task page reconciles.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                client.get(f"/tasks/{task_id}/_status")
+                if vm_row(app, "t-part").state == "partial":
+                    break
+                time.sleep(0.5)
+        finally:
+            stop_process(worker)
+    vm = vm_row(app, "t-part")
+    assert vm.state == "partial"
+    with app.app_context():
+        assert db.session.get(Task, task_id).state == "failed"
+    page = client.get(f"/vms/{vm.id}").get_data(as_text=True)
+    assert "Delete partially created VM" in page
+    vm_dir = bs.host_path(f"{bs.disk_dir}/corral-vms/t-part")
+    assert vm_dir.exists() and any(vm_dir.iterdir())  # the interrupted copy left a file behind
+    assert client.post(f"/vms/{vm.id}/delete").status_code == 302
+    run_worker_burst()
+    assert vm_row(app, "t-part") is None and not vm_dir.exists()

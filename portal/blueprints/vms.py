@@ -50,9 +50,11 @@ def detail(vm_id: int):
         db.select(Task).where(Task.target_type == "vm", Task.target_id == vm.id)
         .order_by(Task.created_at.desc()).limit(20)
     ).scalars().all()
+    owners = db.session.execute(db.select(User.id, User.username).where(User.disabled.is_(False))
+                                .order_by(User.username)).all() if permissions.can_change_owner(current_user) else []
     return page_or_partial("vms/detail.html", "vms/_detail.html", vm=vm, history=history,
                            actions=vms_mod.allowed_actions(vm), labels=vms_mod.ACTION_LABELS,
-                           can_delete=permissions.can_delete_vm(current_user, vm))
+                           can_delete=permissions.can_delete_vm(current_user, vm), owners=owners)
 
 
 class NewVMForm(FlaskForm):
@@ -196,3 +198,61 @@ def console(vm_id: int):
     if queues.redis.set(f"{key}:pending", 1, nx=True, ex=2):
         queues.queue().enqueue(read_console, vm.id, result_ttl=0, failure_ttl=60, job_timeout=60)
     return render_template("vms/_console.html", vm=vm, text=text.decode(errors="replace") if text else None)
+
+
+class SettingsForm(FlaskForm):
+    memory_mb = IntegerField("Memory (MB)", validators=[DataRequired(), NumberRange(16, 1 << 22)])
+    vcpus = IntegerField("vCPUs", validators=[DataRequired(), NumberRange(1, 64)])
+
+
+@bp.post("/<int:vm_id>/settings")
+@login_required
+def settings(vm_id: int):
+    from ..jobs.vms import apply_settings
+
+    vm = permissions.get_vm_or_404(vm_id)
+    if not permissions.can_operate_vm(current_user, vm):
+        abort(403)
+    form = SettingsForm()
+    sizes = []
+    for d in vm.vdisks:
+        raw = request.form.get(f"disk-{d.position}", str(d.size_gb))
+        sizes.append(int(raw) if raw.isdigit() else -1)
+    if not form.validate_on_submit():
+        flash("; ".join(e for errs in form.errors.values() for e in errs), "error")
+        return redirect(url_for("vms.detail", vm_id=vm.id))
+    try:
+        vms_mod.check_settings(vm, memory_mb=form.memory_mb.data, vcpus=form.vcpus.data, disk_sizes=sizes)
+    except (vms_mod.VMError, quotas.QuotaExceeded) as exc:
+        db.session.rollback()
+        flash(str(exc), "error")
+        return redirect(url_for("vms.detail", vm_id=vm.id))
+    changes = f"memory {vm.memory_mb} -> {form.memory_mb.data} MB, vCPUs {vm.vcpus} -> {form.vcpus.data}, " \
+              f"disks {[d.size_gb for d in vm.vdisks]} -> {sizes} GB"
+    vm.memory_mb, vm.vcpus = form.memory_mb.data, form.vcpus.data
+    for d, size in zip(vm.vdisks, sizes):
+        d.size_gb = size
+    actionlog.record("vm-settings-changed", target=vm, detail=changes)
+    task = _vm_task(vm, "vm-settings", apply_settings, f"Apply settings of {vm.name}")
+    return redirect(url_for("tasks.detail", task_id=task.id) if task else url_for("vms.detail", vm_id=vm.id))
+
+
+@bp.post("/<int:vm_id>/owner")
+@login_required
+def change_owner(vm_id: int):
+    vm = permissions.get_vm_or_404(vm_id)
+    if not permissions.can_change_owner(current_user):
+        abort(403)
+    new_owner = db.session.get(User, request.form.get("owner", type=int) or 0)
+    if new_owner is None:
+        flash("Choose the new owner from the list.", "error")
+        return redirect(url_for("vms.detail", vm_id=vm.id))
+    try:
+        vms_mod.change_owner(vm, new_owner)
+    except (vms_mod.VMError, quotas.QuotaExceeded) as exc:
+        db.session.rollback()
+        flash(str(exc), "error")
+    else:
+        db.session.commit()
+        flash(f"{vm.name} now belongs to {new_owner.username}.", "success")
+    return redirect(url_for("vms.detail", vm_id=vm.id))

@@ -233,3 +233,19 @@ def console_key(vm_id: int) -> str:
     from flask import current_app
 
     return f"{current_app.config['QUEUE_PREFIX']}:console:{vm_id}"
+
+
+@task_job
+def apply_settings(progress: Progress, vm_id: int) -> str:
+    """Make the server match the VM's recorded settings: grow disks, redefine the domain."""
+    vm = _vm(vm_id)
+    with servers.session_for(vm.server) as session:
+        for d in vm.vdisks:
+            found = images.info(session, d.path)
+            wanted = d.size_gb * images.GIB
+            if found.virtual_size < wanted:
+                progress.step(f"Growing disk {d.position} to {d.size_gb} GB", 30)
+                images.resize(session, d.path, d.size_gb)
+        progress.step("Redefining the VM with its new memory and vCPUs", 70)
+        session.libvirt().defineXML(render(domain_spec(vm)))
+    return vm.name

@@ -17,6 +17,7 @@ from .errors import CommandFailed, VmmError
 from .session import HostSession, Progress
 
 CHUNK = 8 << 20
+GIB = 1024 ** 3
 
 
 class ImageError(VmmError):
