@@ -66,9 +66,8 @@ def copy_in(session: HostSession, local: Path, remote: str, *, sha256: str | Non
     part = remote + ".part"
     session.run(["mkdir", "-p", posixpath.dirname(remote)])
     try:
-        session.put(local, part, progress)
+        got = session.put_verified(local, part, progress)
         if sha256 is not None:
-            got = remote_sha256(session, part)
             if got != sha256:
                 raise ImageError(f"checksum mismatch copying {local.name} to {session.target.hostname}: "
                                  f"expected {sha256[:12]}…, got {got[:12]}…")

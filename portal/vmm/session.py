@@ -10,6 +10,7 @@ the only one accepted.
 from __future__ import annotations
 
 import abc
+import hashlib
 import os
 import shlex
 import shutil
@@ -117,6 +118,11 @@ class HostSession(abc.ABC):
     def get(self, remote: str, local: str | os.PathLike, progress: Progress | None = None) -> None:
         """Copy a file from the server, reporting (done, total) bytes."""
 
+    def put_verified(self, local: str | os.PathLike, remote: str, progress: Progress | None = None) -> str:
+        """Copy like :meth:`put` and return the sha256 of what the server wrote (computed as it writes)."""
+        self.put(local, remote, progress)
+        return self.run(["sha256sum", remote], timeout=3600).stdout.split()[0]
+
     # --- libvirt ----------------------------------------------------------
     def libvirt(self) -> libvirt.virConnect:
         if self._conn is None or not self._conn.isAlive():
@@ -167,6 +173,9 @@ class LocalSession(HostSession):
     def put(self, local, remote, progress=None):
         _copy_with_progress(Path(local), Path(remote), progress)
 
+    def put_verified(self, local, remote, progress=None) -> str:
+        return _copy_with_progress(Path(local), Path(remote), progress, digest=True)
+
     def get(self, remote, local, progress=None):
         _copy_with_progress(Path(remote), Path(local), progress)
 
@@ -196,10 +205,48 @@ class SSHSession(HostSession):
         return Result(argv, r.exited, r.stdout, r.stderr)
 
     def put(self, local, remote, progress=None):
+        if self.target.ssh_command:
+            self._stream(local, remote, progress, digest=False)
+            return
         try:
             self.connection.sftp().put(str(local), remote, callback=progress)
         except (OSError, paramiko.SSHException) as exc:
             raise VmmError(f"copying {local} to {self.target.hostname}:{remote} failed: {exc}") from exc
+
+    def put_verified(self, local, remote, progress=None) -> str:
+        if self.target.ssh_command:
+            return self._stream(local, remote, progress, digest=True)
+        return super().put_verified(local, remote, progress)
+
+    def _stream(self, local, remote: str, progress: Progress | None, *, digest: bool) -> str:
+        """Stream a file through the ssh binary (as fast as scp), with progress; the
+        server hashes what it writes when ``digest`` is set."""
+        remote_cmd = (f"tee -- {shlex.quote(remote)} | sha256sum" if digest
+                      else f"cat > {shlex.quote(remote)}")
+        argv = [self.target.ssh_command, "-i", self.target.key_file or "/dev/null", "-p", str(self.target.port),
+                "-o", "Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com",
+                "-o", "Compression=no", f"root@{self.target.address}", remote_cmd]
+        total = os.stat(local).st_size
+        done = 0
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            with open(local, "rb") as fh:
+                while chunk := fh.read(4 << 20):
+                    proc.stdin.write(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, total)
+            out, err = proc.communicate(timeout=600)  # closes stdin: the server sees the end
+        except BrokenPipeError:
+            out, err = proc.communicate(timeout=60)
+        except BaseException:
+            proc.kill()
+            proc.communicate()
+            raise
+        if proc.returncode != 0:
+            raise VmmError(f"copying {local} to {self.target.hostname}:{remote} failed: "
+                           f"{err.decode(errors='replace').strip()}")
+        return out.decode().split()[0] if digest else ""
 
     def get(self, remote, local, progress=None):
         try:
@@ -360,9 +407,11 @@ def _stream(data: str | None):
     return io.StringIO(data) if data is not None else False
 
 
-def _copy_with_progress(src: Path, dst: Path, progress: Progress | None, chunk: int = 8 << 20) -> None:
+def _copy_with_progress(src: Path, dst: Path, progress: Progress | None, chunk: int = 8 << 20,
+                        digest: bool = False) -> str:
     total = src.stat().st_size
     done = 0
+    h = hashlib.sha256() if digest else None
     tmp = dst.with_name(dst.name + ".part")
     try:
         with src.open("rb") as fin, tmp.open("wb") as fout:
@@ -371,6 +420,8 @@ def _copy_with_progress(src: Path, dst: Path, progress: Progress | None, chunk: 
                 if not buf:
                     break
                 fout.write(buf)
+                if h is not None:
+                    h.update(buf)
                 done += len(buf)
                 if progress:
                     progress(done, total)
@@ -378,3 +429,4 @@ def _copy_with_progress(src: Path, dst: Path, progress: Progress | None, chunk: 
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
+    return h.hexdigest() if h is not None else ""
