@@ -119,9 +119,15 @@ class HostSession(abc.ABC):
         """Copy a file from the server, reporting (done, total) bytes."""
 
     def put_verified(self, local: str | os.PathLike, remote: str, progress: Progress | None = None) -> str:
-        """Copy like :meth:`put` and return the sha256 of what the server wrote (computed as it writes)."""
+        """Copy like :meth:`put` and return the sha256 of what the server wrote."""
         self.put(local, remote, progress)
-        return self.run(["sha256sum", remote], timeout=3600).stdout.split()[0]
+        return self.sha256(remote)
+
+    def sha256(self, path: str) -> str:
+        """sha256 of a file on the server: OpenSSL (which uses the CPU's SHA extensions) or sha256sum."""
+        script = ('if command -v openssl >/dev/null; then openssl dgst -sha256 -r "$1"; '
+                  'else sha256sum "$1"; fi')
+        return self.run(["sh", "-c", script, "sha256", path], timeout=3600).stdout.split()[0]
 
     # --- libvirt ----------------------------------------------------------
     def libvirt(self) -> libvirt.virConnect:
@@ -206,23 +212,16 @@ class SSHSession(HostSession):
 
     def put(self, local, remote, progress=None):
         if self.target.ssh_command:
-            self._stream(local, remote, progress, digest=False)
+            self._stream(local, remote, progress)
             return
         try:
             self.connection.sftp().put(str(local), remote, callback=progress)
         except (OSError, paramiko.SSHException) as exc:
             raise VmmError(f"copying {local} to {self.target.hostname}:{remote} failed: {exc}") from exc
 
-    def put_verified(self, local, remote, progress=None) -> str:
-        if self.target.ssh_command:
-            return self._stream(local, remote, progress, digest=True)
-        return super().put_verified(local, remote, progress)
-
-    def _stream(self, local, remote: str, progress: Progress | None, *, digest: bool) -> str:
-        """Stream a file through the ssh binary (as fast as scp), with progress; the
-        server hashes what it writes when ``digest`` is set."""
-        remote_cmd = (f"tee -- {shlex.quote(remote)} | sha256sum" if digest
-                      else f"cat > {shlex.quote(remote)}")
+    def _stream(self, local, remote: str, progress: Progress | None) -> str:
+        """Stream a file through the ssh binary (as fast as scp), with progress."""
+        remote_cmd = f"cat > {shlex.quote(remote)}"
         argv = [self.target.ssh_command, "-i", self.target.key_file or "/dev/null", "-p", str(self.target.port),
                 "-o", "Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com",
                 "-o", "Compression=no", f"root@{self.target.address}", remote_cmd]
@@ -246,7 +245,7 @@ class SSHSession(HostSession):
         if proc.returncode != 0:
             raise VmmError(f"copying {local} to {self.target.hostname}:{remote} failed: "
                            f"{err.decode(errors='replace').strip()}")
-        return out.decode().split()[0] if digest else ""
+        return ""
 
     def get(self, remote, local, progress=None):
         try:
