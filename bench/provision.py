@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 from portal import create_app, servers, vms  # noqa: E402
 from portal.extensions import db  # noqa: E402
-from portal.models import VM, Appliance, ApplianceDisk, Role, Server, User  # noqa: E402
+from portal.models import VM, Role, Server, User  # noqa: E402
 from portal.vmm import appliance as builder  # noqa: E402
 from portal.vmm import images  # noqa: E402
 from portal.vmm.session import LocalSession, Target  # noqa: E402
