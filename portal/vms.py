@@ -190,3 +190,39 @@ def check_settings(vm: VM, *, memory_mb: int, vcpus: int, disk_sizes: list[int])
         extra_mem = max(0, memory_mb - vm.memory_mb)
         extra_disk = sum(disk_sizes) - sum(current)
         quotas.reserve(owner.id, vms=0, memory_mb=extra_mem, disk_gb=extra_disk)
+
+
+MAX_BLANK_DISKS = 3
+
+
+def iso_path(disk: ServerDisk, iso) -> str:
+    """Where an ISO is cached on a server disk (shared by the VMs that boot from it)."""
+    return posixpath.join(disk.mountpoint, "corral-isos", f"iso-{iso.id}-{(iso.sha256 or 'nosum')[:16]}.iso")
+
+
+def record_new_blank_vm(*, owner: User, name: str, iso, memory_mb: int, vcpus: int, placement: Placement,
+                        disks: list[tuple[int, str]], usb_tablet: bool, mac: str | None) -> VM:
+    """Reserve quota and add a blank VM (ISO as CD-ROM, one to three new disks)."""
+    if not 1 <= len(disks) <= MAX_BLANK_DISKS:
+        raise VMError(f"A blank VM has one to {MAX_BLANK_DISKS} disks.")
+    for size, bus in disks:
+        if size < 1 or size > 16384:
+            raise VMError("Each disk needs a size between 1 and 16384 GB.")
+        if bus not in ("ide", "scsi", "virtio"):
+            raise VMError(f"Unknown disk bus {bus!r}.")
+    quotas.reserve(owner.id, vms=1, memory_mb=memory_mb, disk_gb=sum(size for size, _ in disks))
+    name = check_name(name)
+    if mac:
+        mac = macs.check_custom(mac)
+    vm = VM(vmid=next_vmid(), name=name, owner_id=owner.id, memory_mb=memory_mb, vcpus=vcpus,
+            server_id=placement.server.id, disk_id=placement.disk.id, usb_tablet=usb_tablet, iso_id=iso.id,
+            state=VMState.CREATING.value)
+    db.session.add(vm)
+    db.session.flush()
+    for position, (size, bus) in enumerate(disks):
+        db.session.add(VirtualDisk(vm_id=vm.id, position=position, size_gb=size, bus=bus, format="qcow2"))
+    db.session.add(NIC(vm_id=vm.id, position=0, mac=mac or macs.generated(vm.vmid, 0)))
+    db.session.flush()
+    actionlog.record("vm-created", target=vm, detail=f"blank, booting {iso.name}, disks "
+                     f"{', '.join(f'{s} GB {b}' for s, b in disks)} on {placement.server.hostname}")
+    return vm

@@ -293,3 +293,37 @@ def test_worker_killed_mid_copy_leaves_a_partial_vm_that_deletes_cleanly(app, cl
     assert client.post(f"/vms/{vm.id}/delete").status_code == 302
     run_worker_burst()
     assert vm_row(app, "t-part") is None and not vm_dir.exists()
+
+
+def test_blank_vm_boots_from_an_iso(app, client, setup, bed_servers, appliance_iso):
+    from portal.models import IsoImage
+    from portal.vmm import images
+
+    bs = bed_servers[0]
+    with app.app_context():
+        iso = IsoImage(name="boot", path=str(appliance_iso), size_bytes=appliance_iso.stat().st_size,
+                       sha256=images.local_sha256(appliance_iso))
+        db.session.add(iso)
+        db.session.commit()
+        iso_id = iso.id
+    bad = client.post("/vms/new-blank", data={"name": "t-blank", "iso": iso_id, "memory_mb": 256, "vcpus": 1,
+                                              "placement": str(setup["disks"][setup["servers"][0]]),
+                                              "disks-0-size_gb": 60, "disks-0-bus": "virtio"})
+    assert bad.status_code == 400 and "Quota exceeded" in bad.get_data(as_text=True)
+    r = client.post("/vms/new-blank", data={"name": "t-blank", "iso": iso_id, "memory_mb": 256, "vcpus": 1,
+                                            "placement": str(setup["disks"][setup["servers"][0]]),
+                                            "disks-0-size_gb": 2, "disks-0-bus": "virtio",
+                                            "disks-1-size_gb": 1, "disks-1-bus": "scsi", "usb_tablet": "y"})
+    assert r.status_code == 302
+    run_worker_burst()
+    task = last_task(app, "t-blank")
+    assert task.state == "succeeded", task.log
+    xml = subprocess.run(["virsh", "-c", bs.uri_tcp, "dumpxml", "t-blank"], capture_output=True, text=True).stdout
+    assert "device='cdrom'" in xml and "bus='scsi'" in xml and "type='tablet'" in xml
+    act(app, client, "t-blank", "start", "running")
+    wait_serial(bs, "t-blank", lambda t: "CORRAL-READY t-blank" in t)  # booted from the ISO
+    act(app, client, "t-blank", "poweroff", "off")
+    assert client.post(f"/vms/{vm_row(app, 't-blank').id}/delete").status_code == 302
+    run_worker_burst()
+    assert vm_row(app, "t-blank") is None
+    assert not bs.host_path(f"{bs.disk_dir}/corral-vms/t-blank").exists()

@@ -6,12 +6,12 @@ from flask import Blueprint, abort, flash, redirect, render_template, request, u
 from flask_login import current_user, login_required
 from flask_wtf import FlaskForm
 from sqlalchemy.orm import selectinload
-from wtforms import BooleanField, IntegerField, SelectChoice, SelectField, StringField
+from wtforms import BooleanField, FieldList, FormField, IntegerField, SelectChoice, SelectField, StringField
 from wtforms.validators import DataRequired, Length, NumberRange, Optional
 
 from .. import actionlog, macs, permissions, quotas, tasks, vms as vms_mod
 from ..extensions import db, queues
-from ..models import VM, Appliance, Server, ServerDisk, ServerStatus, Task, User, VMState
+from ..models import VM, Appliance, IsoImage, Server, ServerDisk, ServerStatus, Task, User, VMState
 from ..views_common import page_or_partial, paginate
 
 bp = Blueprint("vms", __name__, url_prefix="/vms")
@@ -256,3 +256,63 @@ def change_owner(vm_id: int):
         db.session.commit()
         flash(f"{vm.name} now belongs to {new_owner.username}.", "success")
     return redirect(url_for("vms.detail", vm_id=vm.id))
+
+
+BUS_CHOICES = [SelectChoice("virtio", "virtio (fastest)"), SelectChoice("ide", "IDE (any guest)"),
+               SelectChoice("scsi", "SCSI (cannot boot: data disks only)")]
+
+
+class BlankDiskForm(FlaskForm):
+    class Meta:
+        csrf = False
+
+    size_gb = IntegerField("Size (GB)", validators=[Optional(), NumberRange(1, 16384)])
+    bus = SelectField("Bus", choices=BUS_CHOICES, default="virtio")
+
+
+class NewBlankVMForm(FlaskForm):
+    name = StringField("Name", validators=[DataRequired(), Length(max=8)])
+    iso = SelectField("Boot ISO", coerce=int)
+    memory_mb = IntegerField("Memory (MB)", default=1024, validators=[DataRequired(), NumberRange(64, 1 << 22)])
+    vcpus = IntegerField("vCPUs", default=1, validators=[NumberRange(1, 64)])
+    placement = SelectField("Server and VM disk", default="auto")
+    disks = FieldList(FormField(BlankDiskForm), min_entries=vms_mod.MAX_BLANK_DISKS,
+                      max_entries=vms_mod.MAX_BLANK_DISKS)
+    usb_tablet = BooleanField("USB tablet (smooth mouse in the web console)")
+    mac = StringField("Custom MAC (empty: generated from the VMID)", validators=[Optional(), Length(max=17)])
+
+
+@bp.route("/new-blank", methods=["GET", "POST"])
+@login_required
+def new_blank():
+    from ..jobs.vms import create_vm
+
+    if not permissions.can_create_vm(current_user):
+        abort(403)
+    form = NewBlankVMForm()
+    isos = db.session.execute(db.select(IsoImage).order_by(IsoImage.name)).scalars().all()
+    form.iso.choices = [SelectChoice(i.id, i.name) for i in isos]
+    form.placement.choices = _new_vm_form().placement.choices
+    if not form.is_submitted() and form.disks[0].size_gb.data is None:
+        form.disks[0].size_gb.data = 10
+    if form.validate_on_submit():
+        disks = [(d.size_gb.data, d.bus.data) for d in form.disks if d.size_gb.data]
+        disk_id = None if form.placement.data == "auto" else int(form.placement.data)
+        try:
+            placement = vms_mod.place(form.memory_mb.data, sum(s for s, _ in disks) or 1, disk_id=disk_id)
+            vm = vms_mod.record_new_blank_vm(
+                owner=current_user._get_current_object(), name=form.name.data, iso=db.session.get(IsoImage, form.iso.data),
+                memory_mb=form.memory_mb.data, vcpus=form.vcpus.data, placement=placement, disks=disks,
+                usb_tablet=form.usb_tablet.data, mac=form.mac.data or None)
+        except (vms_mod.VMError, quotas.QuotaExceeded, macs.MacError) as exc:
+            db.session.rollback()
+            flash(str(exc), "error")
+        else:
+            task = _vm_task(vm, "vm-create", create_vm, f"Create blank VM {vm.name}")
+            if task is None:
+                vm.state = VMState.PARTIAL.value
+                db.session.commit()
+                return redirect(url_for("vms.detail", vm_id=vm.id))
+            return redirect(url_for("tasks.detail", task_id=task.id))
+    status = 400 if form.is_submitted() else 200
+    return render_template("vms/new_blank.html", form=form, quota=quotas.lines(current_user)), status

@@ -32,6 +32,7 @@ def domain_spec(vm: VM) -> DomainSpec:
         domain_type=vm.server.domain_type,
         disks=tuple(DiskSpec(d.path, bus=d.bus, format=d.format) for d in vm.vdisks),
         nics=tuple(nic_spec(n) for n in vm.nics),
+        cdrom=vms.iso_path(vm.disk, vm.iso) if vm.iso is not None else None,
         usb_tablet=vm.usb_tablet, serial_log=vms.serial_log_path(vm),
         description=f"Corral VM {vm.vmid} owned by {vm.owner.username}",
     )
@@ -62,6 +63,8 @@ def create_vm(progress: Progress, vm_id: int) -> str:
     server = vm.server
     try:
         with servers.session_for(server) as session:
+            if vm.iso is not None:
+                _create_blank(session, progress, vm)
             for d, vd in zip(disks, vm.vdisks):
                 path = vms.disk_path(vm, vd.position)
                 if vm.is_clone:
@@ -94,6 +97,23 @@ def create_vm(progress: Progress, vm_id: int) -> str:
         if isinstance(exc, TaskCancelled):
             progress.log("Cancelled; the VM is partially created: delete it to remove what was made.")
         raise
+
+
+def _create_blank(session, progress: Progress, vm: VM) -> None:
+    """Cache the ISO on the server disk once, then create the VM's empty disks."""
+    iso = vm.iso
+    target = vms.iso_path(vm.disk, iso)
+    progress.step(f"Copying the ISO {iso.name} to {vm.server.hostname}", 5)
+    if images.exists(session, target):
+        progress.log(f"{iso.name} is cached on the server.")
+    else:
+        images.copy_in(session, Path(iso.path), target, sha256=iso.sha256,
+                       progress=lambda n, t: progress.bytes(n, t, pct_from=5, pct_to=70))
+    for vd in vm.vdisks:
+        progress.step(f"Creating disk {vd.position} ({vd.size_gb} GB, {vd.bus})", 75)
+        vd.path = vms.disk_path(vm, vd.position)
+        images.create_blank(session, vd.path, vd.size_gb)
+    db.session.commit()
 
 
 def _ensure_base(session, progress: Progress, local: Path, base: str, sha256: str, done: int, total: int) -> None:

@@ -51,6 +51,7 @@ MATRIX: dict[str, tuple[str, str, dict]] = {
     "vms.index": ("GET", "/vms/", {"anon": ANON, "regular": 200, "power": 200, "manager": 200}),
     "vms.detail": ("GET", "/vms/{vm}", {"anon": ANON, "regular": OWNED, "power": OWNED, "manager": MANAGER_ALL}),
     "vms.new": ("GET", "/vms/new", {"anon": ANON, "regular": 403, "power": 200, "manager": 200}),
+    "vms.new_blank": ("GET", "/vms/new-blank", {"anon": ANON, "regular": 403, "power": 200, "manager": 200}),
     "vms.power": ("POST", "/vms/{vm}/power/start",
                   {"anon": ANON, "regular": {"own": 302, "other": 404}, "power": {"own": 302, "other": 404},
                    "manager": {"own": 302, "other": 302}}),
