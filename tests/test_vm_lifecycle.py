@@ -327,3 +327,35 @@ def test_blank_vm_boots_from_an_iso(app, client, setup, bed_servers, appliance_i
     run_worker_burst()
     assert vm_row(app, "t-blank") is None
     assert not bs.host_path(f"{bs.disk_dir}/corral-vms/t-blank").exists()
+
+
+def test_copy_back_makes_a_new_appliance_and_a_vm_from_it_boots(app, client, setup, bed_servers):
+    bs = bed_servers[1]
+    assert create(client, setup, "t-src", server=1, clone=True).status_code == 302
+    run_worker_burst()
+    with app.app_context():
+        make_user("boss", Role.MANAGER)
+    boss = app.test_client()
+    boss.post("/login", data={"username": "boss", "password": PASSWORD})
+    src = vm_row(app, "t-src")
+    assert client.post(f"/vms/{src.id}/copy-back", data={"name": "copied"}).status_code == 403
+    r = boss.post(f"/vms/{src.id}/copy-back", data={"name": "copied"})
+    assert r.status_code == 302
+    run_worker_burst()
+    task = last_task(app, "t-src")
+    assert task.state == "succeeded", task.log
+    with app.app_context():
+        row = db.session.execute(db.select(Appliance).where(Appliance.name == "copied")).scalar_one()
+        info = subprocess.run(["qemu-img", "info", row.disks[0].path], capture_output=True, text=True).stdout
+        assert row.state == "ready" and "backing file" not in info  # flattened
+        new_app = row.id
+    assert vm_row(app, "t-src").state == "off"  # the source VM is untouched
+    r = client.post("/vms/new", data={"name": "t-from", "appliance": new_app, "memory_mb": 256, "vcpus": 1,
+                                      "placement": str(setup["disks"][setup["servers"][1]])})
+    assert r.status_code == 302
+    run_worker_burst()
+    act(app, client, "t-from", "start", "running")
+    wait_serial(bs, "t-from", lambda t: "CORRAL-READY t-from" in t)
+    act(app, client, "t-from", "poweroff", "off")
+    r = boss.post(f"/vms/{src.id}/copy-back", data={"name": "copied"}, follow_redirects=True)
+    assert "exists already" in r.get_data(as_text=True)

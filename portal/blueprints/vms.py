@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 from flask_wtf import FlaskForm
@@ -316,3 +318,27 @@ def new_blank():
             return redirect(url_for("tasks.detail", task_id=task.id))
     status = 400 if form.is_submitted() else 200
     return render_template("vms/new_blank.html", form=form, quota=quotas.lines(current_user)), status
+
+
+@bp.post("/<int:vm_id>/copy-back")
+@login_required
+def copy_back(vm_id: int):
+    from ..jobs.vms import copy_back as copy_back_job
+
+    vm = permissions.get_vm_or_404(vm_id)
+    if not permissions.can_manage(current_user):
+        abort(403)
+    name = (request.form.get("name") or "").strip()
+    problem = None
+    if vm.state != VMState.OFF.value:
+        problem = f"Power {vm.name} off first (it is {vm.state_enum.label})."
+    elif not re.match(r"^[A-Za-z0-9][A-Za-z0-9._ -]{1,63}$", name):
+        problem = "An appliance name has 2 to 64 letters, digits, spaces, dots, dashes or underscores."
+    elif db.session.execute(db.select(Appliance.id).where(Appliance.name == name)).first():
+        problem = f"An appliance called {name} exists already."
+    if problem:
+        flash(problem, "error")
+        return redirect(url_for("vms.detail", vm_id=vm.id))
+    task = _vm_task(vm, "vm-copy-back", copy_back_job, f"Copy {vm.name} back as appliance {name}", name,
+                    current_user.id)
+    return redirect(url_for("tasks.detail", task_id=task.id) if task else url_for("vms.detail", vm_id=vm.id))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import posixpath
+import shutil
 import time
 from pathlib import Path
 
@@ -269,3 +270,42 @@ def apply_settings(progress: Progress, vm_id: int) -> str:
         progress.step("Redefining the VM with its new memory and vCPUs", 70)
         session.libvirt().defineXML(render(domain_spec(vm)))
     return vm.name
+
+
+@task_job
+def copy_back(progress: Progress, vm_id: int, name: str, user_id: int) -> str:
+    """Flatten each disk on the server, fetch it into the library as a new appliance."""
+    from .. import actionlog, library
+    from ..models import Appliance
+
+    vm = _vm(vm_id)
+    src = vm.appliance
+    row = Appliance(name=name, description=f"Copied back from VM {vm.name} (VMID {vm.vmid})",
+                    min_memory_mb=src.min_memory_mb if src else min(128, vm.memory_mb),
+                    max_memory_mb=src.max_memory_mb if src else max(vm.memory_mb, 4096), vcpus=vm.vcpus,
+                    os_hint=src.os_hint if src else None, source="copy", state="importing", created_by_id=user_id)
+    db.session.add(row)
+    db.session.flush()
+    folder = library.appliance_dir(row.id)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with servers.session_for(vm.server) as session:
+            for i, vd in enumerate(vm.vdisks):
+                flat = posixpath.join(vms.vm_dir(vm), f"copyback-{vd.position}.qcow2")
+                progress.step(f"Flattening disk {vd.position} on {vm.server.hostname}", 10 + 70 * i // len(vm.vdisks))
+                try:
+                    session.run(["qemu-img", "convert", "-O", "qcow2", vd.path, flat], timeout=3600)
+                    progress.step(f"Fetching disk {vd.position} into the library", 20 + 70 * i // len(vm.vdisks))
+                    local = folder / f"fetch-{vd.position}.qcow2"
+                    session.get(flat, local, lambda n, t: progress.bytes(n, t))
+                finally:
+                    session.run(["rm", "-f", flat], check=False)
+                library.add_disk_file(row, vd.position, local, move=True)
+        row.state = "ready"
+        actionlog.record("appliance-added", target=row, user_id=user_id, detail=f"copied back from {vm.name}")
+        db.session.commit()
+    except BaseException:
+        db.session.rollback()
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return name
