@@ -51,3 +51,53 @@ def test_manager_adds_a_server_through_the_pages(app, live_server, worker, brows
     with app.app_context():
         server = db.session.execute(db.select(Server).where(Server.hostname == bs.name)).scalar_one()
         assert [d.mountpoint for d in server.disks] == [bs.disk_dir]
+
+
+def test_power_user_creates_and_starts_a_vm_through_the_pages(app, live_server, worker, browser, bed_servers,  # noqa: F811
+                                                              appliance_image):
+    from portal import library
+    from tests.conftest import register_bed_server
+
+    app.config["APPLIANCE_CACHE"] = str(appliance_image.parent)
+    register_bed_server(app, bed_servers[0])
+    with app.app_context():
+        make_user("pia", Role.POWER, max_vms=2, max_memory_mb=1024, max_disk_gb=10)
+        library.ensure_test_appliance()
+        db.session.commit()
+    context, page, problems = new_page(browser, live_server)
+    try:
+        log_in(page, "pia", PASSWORD)
+        page.locator("nav.menu").get_by_role("link", name="Library").click()
+        page.get_by_role("link", name="Create VM").click()
+        page.get_by_label("Name").fill("web1")
+        page.get_by_label("Memory (MB)").fill("256")
+        page.get_by_role("button", name="Create VM").click()
+        expect(page.get_by_test_id("task-pct")).to_have_text("100 %", timeout=TASK_TIMEOUT_MS)
+        page.locator("nav.menu").get_by_role("link", name="VMs").click()
+        page.get_by_role("link", name="web1").click()
+        expect(page.get_by_test_id("vm-state")).to_contain_text("off")
+        page.evaluate("window.__corralMarker = 1")
+        page.get_by_role("button", name="Power on").click()
+        # The state panel updates itself: no reload.
+        expect(page.get_by_test_id("vm-state")).to_contain_text("running", timeout=TASK_TIMEOUT_MS)
+        expect(page.get_by_test_id("console-log")).to_contain_text("CORRAL-HB", timeout=TASK_TIMEOUT_MS)
+        assert page.evaluate("window.__corralMarker") == 1
+        page.screenshot(path="/tmp/corral-vm-page.png", full_page=True)
+        page.get_by_role("button", name="Power off").click()
+        expect(page.get_by_test_id("vm-state")).to_contain_text("off", timeout=TASK_TIMEOUT_MS)
+        assert not problems.errors, problems.errors
+    finally:
+        context.close()
+    with app.app_context():
+        from portal.models import VM
+
+        vm = db.session.execute(db.select(VM).where(VM.name == "web1")).scalar_one()
+        vm_id = vm.id
+    # Leave nothing on the server.
+    client = app.test_client()
+    app.config["WTF_CSRF_ENABLED"] = False
+    client.post("/login", data={"username": "pia", "password": PASSWORD})
+    client.post(f"/vms/{vm_id}/delete")
+    from tests.conftest import run_worker_burst
+
+    run_worker_burst()
