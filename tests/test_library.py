@@ -172,3 +172,88 @@ def test_deleting_an_appliance_keeps_vms(app, manager, image):
         assert vm is not None and vm.appliance_id is None
         assert db.session.execute(db.select(ActionLog).where(ActionLog.action == "appliance-deleted")).scalar_one()
     assert library_files(app) == []
+
+
+OVF = """<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"
+  xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData">
+  <References><File ovf:id="file1" ovf:href="{href}"/></References>
+  <DiskSection><Info>Disks</Info><Disk ovf:diskId="vmdisk1" ovf:fileRef="file1" ovf:capacity="33554432"/></DiskSection>
+  <VirtualSystem ovf:id="tinyvm">
+    <Info>A tiny VM</Info><Name>tiny-ova</Name>
+    <VirtualHardwareSection><Info>Hardware</Info>
+      <Item><rasd:ElementName>2 CPUs</rasd:ElementName><rasd:InstanceID>1</rasd:InstanceID>
+        <rasd:ResourceType>3</rasd:ResourceType><rasd:VirtualQuantity>2</rasd:VirtualQuantity></Item>
+      <Item><rasd:AllocationUnits>byte * 2^20</rasd:AllocationUnits><rasd:ElementName>512 MB</rasd:ElementName>
+        <rasd:InstanceID>2</rasd:InstanceID><rasd:ResourceType>4</rasd:ResourceType>
+        <rasd:VirtualQuantity>512</rasd:VirtualQuantity></Item>
+      <Item><rasd:ElementName>disk</rasd:ElementName><rasd:HostResource>ovf:/disk/vmdisk1</rasd:HostResource>
+        <rasd:InstanceID>3</rasd:InstanceID><rasd:ResourceType>17</rasd:ResourceType></Item>
+    </VirtualHardwareSection>
+  </VirtualSystem>
+</Envelope>
+"""
+
+
+def make_ova(image: Path, tmp_path: Path, *, href="tiny-disk1.vmdk", manifest=True, corrupt_manifest=False,
+             include_ovf=True) -> bytes:
+    import hashlib
+    import tarfile
+
+    work = tmp_path / "ova-src"
+    work.mkdir()
+    subprocess.run(["qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", str(image),
+                    str(work / "tiny-disk1.vmdk")], check=True)
+    (work / "tiny.ovf").write_text(OVF.format(href=href))
+    members = ["tiny.ovf", "tiny-disk1.vmdk"] if include_ovf else ["tiny-disk1.vmdk"]
+    if manifest:
+        lines = []
+        for m in members:
+            digest = hashlib.sha256((work / m).read_bytes()).hexdigest()
+            lines.append(f"SHA256({m})= {'0' * 64 if corrupt_manifest else digest}")
+        (work / "tiny.mf").write_text("\n".join(lines) + "\n")
+        members.append("tiny.mf")
+    out = tmp_path / "tiny.ova"
+    with tarfile.open(out, "w") as tar:
+        for m in members:
+            tar.add(work / m, arcname=m)
+    return out.read_bytes()
+
+
+def test_ova_import_reads_the_envelope_and_converts_disks(app, manager, image, tmp_path):
+    r = post_multipart(manager, "/library/appliances/import-ova", {"name": ""},
+                       [("ova", "tiny.ova", make_ova(image, tmp_path))])
+    assert r.status_code == 302
+    run_worker_burst()
+    task = finished_task(app)
+    assert task.state == "succeeded", task.log
+    with app.app_context():
+        row = db.session.execute(db.select(Appliance).where(Appliance.name == "tiny-ova")).scalar_one()
+        assert (row.min_memory_mb, row.vcpus, row.source, row.state) == (512, 2, "ova", "ready")
+        assert row.disks[0].format == "qcow2" and row.disks[0].virtual_size_bytes == builder.DISK_SIZE
+    assert not list((Path(app.instance_path) / "library" / "uploads").iterdir())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"include_ovf": False}, "holds no .ovf descriptor"),
+    ({"href": "missing.vmdk", "manifest": False}, "which is not in the archive"),
+    ({"corrupt_manifest": True}, "does not match its SHA256 checksum"),
+])
+def test_bad_ova_is_rejected_and_leaves_nothing(app, manager, image, tmp_path, kwargs, message):
+    r = post_multipart(manager, "/library/appliances/import-ova", {"name": "x-ova"},
+                       [("ova", "bad.ova", make_ova(image, tmp_path, **kwargs))])
+    assert r.status_code == 302
+    run_worker_burst()
+    task = finished_task(app)
+    assert task.state == "failed" and message in task.error, task.error
+    with app.app_context():
+        assert db.session.execute(db.select(db.func.count(Appliance.id))).scalar_one() == 0
+    assert library_files(app) == []
+
+
+def test_not_a_tar_is_rejected(app, manager):
+    r = post_multipart(manager, "/library/appliances/import-ova", {"name": ""}, [("ova", "x.ova", b"plain text" * 99)])
+    assert r.status_code == 302
+    run_worker_burst()
+    assert "is not an OVA (tar) archive" in finished_task(app).error
+    assert library_files(app) == []

@@ -153,3 +153,37 @@ def _is_iso9660(path: Path) -> bool:
     with path.open("rb") as fh:
         fh.seek(0x8001)
         return fh.read(5) == b"CD001"
+
+
+class ImportOvaForm(FlaskForm):
+    name = StringField("Name (empty: the name in the OVF)", validators=[Optional(), *NAME[1:]])
+    description = TextAreaField("Description", validators=[Optional(), Length(max=2000)])
+    ova = FileField("OVA package", validators=[FileRequired()])
+
+
+@bp.route("/appliances/import-ova", methods=["GET", "POST"])
+@login_required
+@manager_required
+def import_ova():
+    from ..jobs.library import import_ova as import_ova_job
+
+    form = ImportOvaForm()
+    if form.validate_on_submit():
+        name = (form.name.data or "").strip()
+        if name and db.session.execute(db.select(Appliance.id).where(Appliance.name == name)).first():
+            flash(f"An appliance called {name} exists already.", "error")
+        else:
+            folder = _uploads_dir()
+            form.ova.data.save(folder / "upload-0")
+            meta = {"name": name, "description": form.description.data, "user_id": current_user.id,
+                    "filename": form.ova.data.filename}
+            try:
+                sub = tasks.submit("appliance-import", import_ova_job, title=f"Import OVA {form.ova.data.filename}",
+                                   requester_id=current_user.id, key=None, args=(str(folder), json.dumps(meta)))
+            except tasks.QueueUnavailable:
+                shutil.rmtree(folder, ignore_errors=True)
+                flash("The task queue is not answering; nothing was imported.", "error")
+            else:
+                return redirect(url_for("tasks.detail", task_id=sub.task.id))
+    status = 400 if form.is_submitted() else 200
+    return render_template("library/import_ova.html", form=form), status

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import lzma
+import re
 import shutil
 import subprocess
+import tarfile
+import xml.etree.ElementTree as ET
 import zlib
 from pathlib import Path
 
@@ -123,6 +127,122 @@ def import_uploaded(progress: Progress, upload_dir: str, meta: str) -> str:
             row.state = "ready"
             actionlog.record("appliance-added", target=row, user_id=data.get("user_id"),
                              detail=f"uploaded {', '.join(data['names'])}")
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            shutil.rmtree(library.appliance_dir(row.id), ignore_errors=True)
+            raise
+        return row.name
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+OVF_NS = {"ovf": "http://schemas.dmtf.org/ovf/envelope/1",
+          "rasd": "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"}
+_UNITS = {"byte": 1, "kilobytes": 1 << 10, "megabytes": 1 << 20, "gigabytes": 1 << 30}
+
+
+def _units(text: str | None) -> int:
+    """Bytes per unit of an OVF AllocationUnits string ("byte * 2^20", "MegaBytes")."""
+    if not text:
+        return 1 << 20  # OVF's default for memory is MB
+    text = text.strip().lower()
+    m = re.match(r"byte\s*\*\s*2\^(\d+)", text)
+    if m:
+        return 1 << int(m.group(1))
+    return _UNITS.get(text, 1 << 20)
+
+
+def parse_ovf(xml: str) -> dict:
+    """Name, memory (MB), CPUs and the ordered disk files of an OVF envelope."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        raise ImportRejected(f"The OVF descriptor is not valid XML: {exc}") from exc
+    a = lambda el, name: el.get(f"{{{OVF_NS['ovf']}}}{name}")  # noqa: E731
+    files = {a(f, "id"): a(f, "href") for f in root.findall("ovf:References/ovf:File", OVF_NS)}
+    disks = {a(d, "diskId"): files.get(a(d, "fileRef")) for d in root.findall("ovf:DiskSection/ovf:Disk", OVF_NS)}
+    system = root.find("ovf:VirtualSystem", OVF_NS)
+    if system is None:
+        raise ImportRejected("The OVF descriptor has no VirtualSystem.")
+    name_el = system.find("ovf:Name", OVF_NS)
+    name = (name_el.text if name_el is not None else None) or a(system, "id") or "imported"
+    memory_mb, cpus, order = 1024, 1, []
+    for item in system.findall("ovf:VirtualHardwareSection/ovf:Item", OVF_NS):
+        kind = item.findtext("rasd:ResourceType", namespaces=OVF_NS)
+        qty = item.findtext("rasd:VirtualQuantity", namespaces=OVF_NS)
+        if kind == "3" and qty:
+            cpus = int(qty)
+        elif kind == "4" and qty:
+            memory_mb = int(qty) * _units(item.findtext("rasd:AllocationUnits", namespaces=OVF_NS)) >> 20
+        elif kind == "17":
+            ref = item.findtext("rasd:HostResource", namespaces=OVF_NS) or ""
+            order.append(ref.rsplit("/", 1)[-1])
+    hrefs = [disks.get(d) for d in order] if order else list(disks.values())
+    if not hrefs or any(h is None for h in hrefs):
+        raise ImportRejected("The OVF descriptor lists no disk, or a disk without a file.")
+    if len(hrefs) > 4:
+        raise ImportRejected(f"The appliance has {len(hrefs)} disks; Corral takes at most four.")
+    return {"name": name, "memory_mb": max(16, memory_mb), "vcpus": max(1, cpus), "files": hrefs}
+
+
+def _check_manifest(folder: Path, manifest: Path) -> None:
+    for line in manifest.read_text(errors="replace").splitlines():
+        m = re.match(r"^(SHA256|SHA1)\((.+)\)\s*=\s*([0-9a-fA-F]+)$", line.strip())
+        if not m:
+            continue
+        algo, name, want = m.groups()
+        h = hashlib.new(algo.lower())
+        with (folder / name).open("rb") as fh:
+            while chunk := fh.read(8 << 20):
+                h.update(chunk)
+        if h.hexdigest().lower() != want.lower():
+            raise ImportRejected(f"{name} does not match its {algo} checksum in the OVA's manifest.")
+
+
+@task_job
+def import_ova(progress: Progress, upload_dir: str, meta: str) -> str:
+    """Unpack an OVA, read its OVF envelope, convert its disks; leave nothing behind on failure."""
+    data = json.loads(meta)
+    folder = Path(upload_dir)
+    try:
+        progress.step(f"Unpacking {data['filename']}", 5)
+        unpacked = folder / "ova"
+        try:
+            with tarfile.open(folder / "upload-0") as tar:
+                tar.extractall(unpacked, filter="data")  # refuses absolute paths, .., devices and links out
+        except (tarfile.TarError, OSError) as exc:
+            raise ImportRejected(f"{data['filename']} is not an OVA (tar) archive: {exc}") from None
+        ovfs = sorted(unpacked.rglob("*.ovf"))
+        if not ovfs:
+            raise ImportRejected(f"{data['filename']} holds no .ovf descriptor.")
+        ovf = ovfs[0]
+        info = parse_ovf(ovf.read_text(errors="replace"))
+        for mf in ovf.parent.glob("*.mf"):
+            progress.step("Checking the manifest's checksums", 10)
+            _check_manifest(ovf.parent, mf)
+        converted = []
+        for i, href in enumerate(info["files"]):
+            path = (ovf.parent / href).resolve()
+            if not path.is_file() or ovf.parent.resolve() not in path.parents:
+                raise ImportRejected(f"The OVF refers to {href}, which is not in the archive.")
+            converted.append(to_qcow2(path, progress, i, len(info["files"])))
+        name = data.get("name") or info["name"]
+        progress.step("Adding the appliance to the library", 85)
+        if db.session.execute(db.select(Appliance.id).where(Appliance.name == name)).first():
+            raise ImportRejected(f"An appliance called {name} exists already.")
+        row = Appliance(name=name, description=data.get("description") or f"Imported from {data['filename']}",
+                        min_memory_mb=info["memory_mb"], max_memory_mb=max(info["memory_mb"], 4 * info["memory_mb"]),
+                        vcpus=info["vcpus"], source="ova", state="importing", created_by_id=data.get("user_id"))
+        db.session.add(row)
+        db.session.flush()
+        try:
+            for i, c in enumerate(converted):
+                library.add_disk_file(row, i, c, move=True)
+            row.state = "ready"
+            actionlog.record("appliance-added", target=row, user_id=data.get("user_id"),
+                             detail=f"OVA {data['filename']}: {info['memory_mb']} MB, {info['vcpus']} vCPU(s), "
+                                    f"{len(converted)} disk(s)")
             db.session.commit()
         except BaseException:
             db.session.rollback()

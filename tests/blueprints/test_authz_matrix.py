@@ -73,6 +73,8 @@ MATRIX: dict[str, tuple[str, str, dict]] = {
     "library.index": ("GET", "/library/", {"anon": ANON, "regular": 200, "power": 200, "manager": 200}),
     "library.upload_appliance": ("GET", "/library/appliances/upload",
                                  {"anon": ANON, "regular": 403, "power": 403, "manager": 200}),
+    "library.import_ova": ("GET", "/library/appliances/import-ova",
+                           {"anon": ANON, "regular": 403, "power": 403, "manager": 200}),
     "library.upload_iso": ("GET", "/library/isos/upload", {"anon": ANON, "regular": 403, "power": 403, "manager": 200}),
     # Appliances belong to nobody; the manager's first request deletes it, the second finds nothing.
     "library.delete_appliance": ("POST", "/library/appliances/{appliance}/delete",
