@@ -70,6 +70,8 @@ class Defaults:
     LOAD_CRITICAL = 8.0
     # Where the test appliance is built and cached (None: /var/cache/corral-appliance)
     APPLIANCE_CACHE: str | None = None
+    # The published appliance catalog (a JSON index); managers can change it on the Library page
+    CATALOG_URL = ""
     # hostname -> libvirt URI, to reach a server's libvirtd another way than qemu+ssh
     LIBVIRT_URI_OVERRIDES: dict = {}
 

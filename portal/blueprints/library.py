@@ -8,7 +8,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from flask import Blueprint, flash, redirect, render_template, url_for
+from flask import Blueprint, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 from flask_wtf import FlaskForm
 from flask_wtf.file import FileField, FileRequired, MultipleFileField
@@ -187,3 +187,52 @@ def import_ova():
                 return redirect(url_for("tasks.detail", task_id=sub.task.id))
     status = 400 if form.is_submitted() else 200
     return render_template("library/import_ova.html", form=form), status
+
+
+@bp.route("/catalog", methods=["GET", "POST"])
+@login_required
+@manager_required
+def catalog_page():
+    from .. import catalog
+    from ..jobs.library import refresh_catalog
+
+    state = catalog.load()
+    if request.method == "POST":
+        try:
+            state["url"] = catalog.check_url(request.form.get("url", ""))
+        except catalog.CatalogError as exc:
+            flash(str(exc), "error")
+            return render_template("library/catalog.html", state=state, existing=set()), 400
+        catalog.save(state)
+        try:
+            sub = tasks.submit("catalog-refresh", refresh_catalog, title=f"Fetch the catalog {state['url']}",
+                               requester_id=current_user.id, key="catalog-refresh")
+        except tasks.QueueUnavailable:
+            flash("The task queue is not answering; the catalog was not fetched.", "error")
+        else:
+            return redirect(url_for("tasks.detail", task_id=sub.task.id))
+    existing = set(db.session.execute(db.select(Appliance.name)).scalars())
+    return render_template("library/catalog.html", state=state, existing=existing)
+
+
+@bp.post("/catalog/download")
+@login_required
+@manager_required
+def catalog_download():
+    from .. import catalog
+    from ..jobs.library import download_catalog_entry
+
+    name = request.form.get("name", "")
+    if not any(e["name"] == name for e in catalog.load()["entries"]):
+        flash("The catalog does not offer that appliance; fetch the catalog again.", "error")
+        return redirect(url_for("library.catalog_page"))
+    if db.session.execute(db.select(Appliance.id).where(Appliance.name == name)).first():
+        flash(f"The library has an appliance called {name} already.", "error")
+        return redirect(url_for("library.catalog_page"))
+    try:
+        sub = tasks.submit("catalog-download", download_catalog_entry, title=f"Download {name} from the catalog",
+                           requester_id=current_user.id, key=f"catalog-download:{name}", args=(name, current_user.id))
+    except tasks.QueueUnavailable:
+        flash("The task queue is not answering; nothing was downloaded.", "error")
+        return redirect(url_for("library.catalog_page"))
+    return redirect(url_for("tasks.detail", task_id=sub.task.id))

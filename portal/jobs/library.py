@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import json
 import lzma
 import re
 import shutil
 import subprocess
 import tarfile
+import time
+import urllib.request
 import xml.etree.ElementTree as ET
 import zlib
 from pathlib import Path
@@ -251,3 +254,118 @@ def import_ova(progress: Progress, upload_dir: str, meta: str) -> str:
         return row.name
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+USER_AGENT = "Corral appliance catalog client"
+DOWNLOAD_ATTEMPTS = 5
+
+
+def _http_get(url: str, headers: dict | None = None, timeout: float = 30):
+    req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})})
+    return urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - the manager's configured catalog
+
+
+@task_job
+def refresh_catalog(progress: Progress) -> str:
+    from .. import catalog
+
+    state = catalog.load()
+    progress.step(f"Fetching {state['url']}", 20)
+    try:
+        with _http_get(state["url"]) as resp:
+            data = resp.read(16 << 20)
+        entries = catalog.parse_index(data, state["url"])
+    except (OSError, catalog.CatalogError) as exc:
+        state["error"] = f"Could not read the catalog: {exc}"
+        catalog.save(state)
+        raise ImportRejected(state["error"]) from None
+    state.update(entries=entries, fetched_at=time.time(), error=None)
+    catalog.save(state)
+    progress.log(f"{len(entries)} appliance(s) offered.")
+    return str(len(entries))
+
+
+def download(url: str, dest: Path, size: int, sha256: str, progress: Progress, done_before: int, total: int) -> None:
+    """Download with resume (HTTP Range) across dropped connections, then verify the sha256."""
+    part = dest.with_suffix(dest.suffix + ".part")
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        have = part.stat().st_size if part.exists() else 0
+        if have >= size:
+            break
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            with _http_get(url, headers) as resp:
+                if have and resp.status != 206:  # the server ignored Range: start over
+                    have = 0
+                    part.unlink(missing_ok=True)
+                with part.open("ab") as out:
+                    while chunk := resp.read(1 << 20):
+                        out.write(chunk)
+                        have += len(chunk)
+                        progress.bytes(done_before + have, total, pct_from=5, pct_to=75)
+            if have < size:
+                raise http.client.IncompleteRead(b"", size - have)
+        except (OSError, http.client.HTTPException) as exc:
+            progress.log(f"Download of {url} interrupted at {have} bytes ({exc}); resuming "
+                         f"(attempt {attempt + 1} of {DOWNLOAD_ATTEMPTS}).")
+            time.sleep(min(5, attempt))
+            continue
+    else:
+        raise ImportRejected(f"{url} could not be downloaded after {DOWNLOAD_ATTEMPTS} attempts.")
+    if part.stat().st_size != size:
+        raise ImportRejected(f"{url} has {part.stat().st_size} bytes, the catalog says {size}.")
+    got = hashlib.sha256()
+    with part.open("rb") as fh:
+        while chunk := fh.read(8 << 20):
+            got.update(chunk)
+    if got.hexdigest() != sha256:
+        part.unlink(missing_ok=True)
+        raise ImportRejected(f"{url} does not match the catalog's sha256 (got {got.hexdigest()[:12]}…).")
+    part.replace(dest)
+
+
+@task_job
+def download_catalog_entry(progress: Progress, name: str, user_id: int) -> str:
+    from .. import catalog
+
+    entry = next((e for e in catalog.load()["entries"] if e["name"] == name), None)
+    if entry is None:
+        raise ImportRejected(f"The catalog no longer offers {name}.")
+    folder = library.library_dir() / "downloads" / re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    folder.mkdir(parents=True, exist_ok=True)  # kept across attempts so a retried task resumes
+    ok = False
+    try:
+        total, done = entry["size_bytes"] or 1, 0
+        files = []
+        for i, d in enumerate(entry["disks"]):
+            progress.step(f"Downloading disk {i + 1} of {len(entry['disks'])}", 5)
+            dest = folder / f"disk{i}"
+            if not dest.exists():
+                download(d["url"], dest, d["size_bytes"], d["sha256"], progress, done, total)
+            done += d["size_bytes"]
+            files.append(dest)
+        converted = [to_qcow2(f, progress, i, len(files)) for i, f in enumerate(files)]
+        progress.step("Adding the appliance to the library", 85)
+        if db.session.execute(db.select(Appliance.id).where(Appliance.name == name)).first():
+            raise ImportRejected(f"An appliance called {name} exists already.")
+        row = Appliance(name=name, description=entry["description"], min_memory_mb=entry["min_memory_mb"],
+                        max_memory_mb=entry["max_memory_mb"], vcpus=entry["vcpus"], source="catalog",
+                        state="importing", created_by_id=user_id)
+        db.session.add(row)
+        db.session.flush()
+        try:
+            for i, c in enumerate(converted):
+                library.add_disk_file(row, i, c, move=True)
+            row.state = "ready"
+            actionlog.record("appliance-added", target=row, user_id=user_id, detail="downloaded from the catalog")
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            shutil.rmtree(library.appliance_dir(row.id), ignore_errors=True)
+            raise
+        ok = True
+        return name
+    finally:
+        # Keep partial downloads of an interrupted transfer for the next attempt; drop everything else.
+        if ok or not any(folder.glob("*.part")):
+            shutil.rmtree(folder, ignore_errors=True)

@@ -75,6 +75,9 @@ MATRIX: dict[str, tuple[str, str, dict]] = {
                                  {"anon": ANON, "regular": 403, "power": 403, "manager": 200}),
     "library.import_ova": ("GET", "/library/appliances/import-ova",
                            {"anon": ANON, "regular": 403, "power": 403, "manager": 200}),
+    "library.catalog_page": ("GET", "/library/catalog", {"anon": ANON, "regular": 403, "power": 403, "manager": 200}),
+    "library.catalog_download": ("POST", "/library/catalog/download",
+                                 {"anon": ANON, "regular": 403, "power": 403, "manager": 302}),
     "library.upload_iso": ("GET", "/library/isos/upload", {"anon": ANON, "regular": 403, "power": 403, "manager": 200}),
     # Appliances belong to nobody; the manager's first request deletes it, the second finds nothing.
     "library.delete_appliance": ("POST", "/library/appliances/{appliance}/delete",
