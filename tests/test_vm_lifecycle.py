@@ -146,8 +146,9 @@ def test_full_copy_and_clones_boot_operate_and_delete_cleanly(app, client, setup
         listed = subprocess.run(["virsh", "-c", bs.uri_tcp, "list", "--all", "--name"], capture_output=True,
                                 text=True).stdout.split()
         assert not [n for n in listed if n.startswith("t-")]
-        vms_dir = bs.host_path(f"{bs.disk_dir}/corral-vms")
-        assert not vms_dir.exists() or not any(vms_dir.iterdir())
+        for cache in ("corral-vms", "corral-bases", "corral-isos"):
+            folder = bs.host_path(f"{bs.disk_dir}/{cache}")
+            assert not folder.exists() or not any(folder.iterdir()), (bs.name, cache, list(folder.iterdir()))
     with app.app_context():
         assert db.session.get(Appliance, setup["appliance"]) is not None  # the library is untouched
 
@@ -327,6 +328,8 @@ def test_blank_vm_boots_from_an_iso(app, client, setup, bed_servers, appliance_i
     run_worker_burst()
     assert vm_row(app, "t-blank") is None
     assert not bs.host_path(f"{bs.disk_dir}/corral-vms/t-blank").exists()
+    isos = bs.host_path(f"{bs.disk_dir}/corral-isos")
+    assert not isos.exists() or not any(isos.iterdir())  # the ISO copy went with its last VM
 
 
 def test_copy_back_makes_a_new_appliance_and_a_vm_from_it_boots(app, client, setup, bed_servers):

@@ -134,6 +134,19 @@ def _ensure_base(session, progress: Progress, local: Path, base: str, sha256: st
     session.run(["chmod", "0444", base])
 
 
+def _unshared_caches(vm: VM) -> list[str]:
+    """The clone bases and ISO copies of this VM that no other VM on its server disk uses."""
+    if vm.disk is None:
+        return []
+    others = db.session.execute(db.select(VM).where(VM.disk_id == vm.disk_id, VM.id != vm.id)).scalars().all()
+    in_use = {d.backing_path for o in others for d in o.vdisks if d.backing_path}
+    in_use |= {vms.iso_path(vm.disk, o.iso) for o in others if o.iso is not None}
+    mine = {d.backing_path for d in vm.vdisks if d.backing_path}
+    if vm.iso is not None:
+        mine.add(vms.iso_path(vm.disk, vm.iso))
+    return sorted(mine - in_use)
+
+
 def _domain(session, vm: VM) -> libvirt.virDomain:
     try:
         return session.libvirt().lookupByName(vm.name)
@@ -203,9 +216,13 @@ def power_vm(progress: Progress, vm_id: int, action: str) -> str:
 
 @task_job
 def delete_vm(progress: Progress, vm_id: int) -> str:
-    """Remove the domain and every file of the VM from every server involved, then the row."""
+    """Remove the domain and every file of the VM from every server involved, then the row.
+
+    A cached clone base or ISO goes too when no other VM on that server disk uses it.
+    """
     vm = _vm(vm_id)
     name = vm.name
+    shared = _unshared_caches(vm)
     for server in {s for s in (vm.server, vm.backup_server) if s is not None}:
         progress.step(f"Removing {name} from {server.hostname}", 30)
         with servers.session_for(server) as session:
@@ -219,6 +236,10 @@ def delete_vm(progress: Progress, vm_id: int) -> str:
                 dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
             if vm.disk is not None:
                 images.remove_tree(session, vms.vm_dir(vm), under=vm.disk.mountpoint)
+                if server is vm.server and shared:
+                    progress.log(f"Removing cached {', '.join(posixpath.basename(p) for p in shared)}: "
+                                 "no other VM uses it.")
+                    session.run(["rm", "-f", "--", *shared, *(p + ".lock" for p in shared)], check=False)
             session.run(["rm", "-f", vms.serial_log_path(vm)], check=False)
     progress.step("Removing the VM's records", 90)
     vm = _vm(vm_id)
