@@ -237,6 +237,16 @@ class AuthActions:
 
 
 @pytest.fixture
+def manager(app, client):
+    """The test client logged in as a manager ("boss"), CSRF checks off."""
+    app.config["WTF_CSRF_ENABLED"] = False
+    with app.app_context():
+        make_user("boss", Role.MANAGER)
+    client.post("/login", data={"username": "boss", "password": PASSWORD})
+    return client
+
+
+@pytest.fixture
 def auth(client):
     return AuthActions(client)
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from portal.extensions import db
-from portal.models import Appliance, Role, Task
+from portal.models import Appliance, Task
 from portal.vmm import appliance as builder
 from tests.bed import Bed
-from tests.conftest import PASSWORD, make_user, run_worker_burst
+from tests.conftest import run_worker_burst
 
 
 class CatalogServer:
@@ -65,15 +65,6 @@ class CatalogServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
-
-
-@pytest.fixture
-def manager(app, client):
-    app.config["WTF_CSRF_ENABLED"] = False
-    with app.app_context():
-        make_user("boss", Role.MANAGER)
-    client.post("/login", data={"username": "boss", "password": PASSWORD})
-    return client
 
 
 @pytest.fixture

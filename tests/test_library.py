@@ -13,25 +13,16 @@ from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.test import encode_multipart
 
 from portal.extensions import db
-from portal.models import ActionLog, Appliance, IsoImage, Role, Task
+from portal.models import ActionLog, Appliance, IsoImage, Task
 from portal.vmm import appliance as builder
 from tests.bed import Bed
-from tests.conftest import PASSWORD, make_user, run_worker_burst
+from tests.conftest import make_user, run_worker_burst
 
 
 @pytest.fixture(scope="session")
 def image() -> Path:
     """The small test appliance (qcow2), built once and cached where the bed keeps it."""
     return Path(builder.build_appliance(Bed().appliance_cache))
-
-
-@pytest.fixture
-def manager(app, client):
-    app.config["WTF_CSRF_ENABLED"] = False
-    with app.app_context():
-        make_user("boss", Role.MANAGER)
-    client.post("/login", data={"username": "boss", "password": PASSWORD})
-    return client
 
 
 def post_multipart(client, url, fields: dict, files: list[tuple[str, str, bytes]], **kw):

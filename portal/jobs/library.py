@@ -102,6 +102,29 @@ def to_qcow2(path: Path, progress: Progress, position: int, count: int) -> Path:
     return out
 
 
+def add_appliance(converted: list[Path], *, name: str, description: str | None, min_memory_mb: int,
+                  max_memory_mb: int, vcpus: int, source: str, user_id: int | None, detail: str,
+                  os_hint: str | None = None) -> Appliance:
+    """Create a ready appliance from converted qcow2 disks, or nothing at all."""
+    if db.session.execute(db.select(Appliance.id).where(Appliance.name == name)).first():
+        raise ImportRejected(f"An appliance called {name} exists already.")
+    row = Appliance(name=name, description=description, min_memory_mb=min_memory_mb, max_memory_mb=max_memory_mb,
+                    vcpus=vcpus, os_hint=os_hint, source=source, state="importing", created_by_id=user_id)
+    db.session.add(row)
+    db.session.flush()
+    try:
+        for i, c in enumerate(converted):
+            library.add_disk_file(row, i, c, move=True)
+        row.state = "ready"
+        actionlog.record("appliance-added", target=row, user_id=user_id, detail=detail)
+        db.session.commit()
+    except BaseException:
+        db.session.rollback()
+        shutil.rmtree(library.appliance_dir(row.id), ignore_errors=True)
+        raise
+    return row
+
+
 @task_job
 def import_uploaded(progress: Progress, upload_dir: str, meta: str) -> str:
     """Turn uploaded files into a ready appliance; on any failure leave nothing behind."""
@@ -117,24 +140,10 @@ def import_uploaded(progress: Progress, upload_dir: str, meta: str) -> str:
             except ImportRejected as exc:
                 raise ImportRejected(str(exc).replace(f.name, data["names"][i])) from None
         progress.step("Adding the appliance to the library", 85)
-        if db.session.execute(db.select(Appliance.id).where(Appliance.name == data["name"])).first():
-            raise ImportRejected(f"An appliance called {data['name']} was added meanwhile.")
-        row = Appliance(name=data["name"], description=data.get("description"), min_memory_mb=data["min_memory_mb"],
-                        max_memory_mb=data["max_memory_mb"], vcpus=data["vcpus"], os_hint=data.get("os_hint"),
-                        source="upload", state="importing", created_by_id=data.get("user_id"))
-        db.session.add(row)
-        db.session.flush()
-        try:
-            for i, c in enumerate(converted):
-                library.add_disk_file(row, i, c, move=True)
-            row.state = "ready"
-            actionlog.record("appliance-added", target=row, user_id=data.get("user_id"),
-                             detail=f"uploaded {', '.join(data['names'])}")
-            db.session.commit()
-        except BaseException:
-            db.session.rollback()
-            shutil.rmtree(library.appliance_dir(row.id), ignore_errors=True)
-            raise
+        row = add_appliance(converted, name=data["name"], description=data.get("description"),
+                            min_memory_mb=data["min_memory_mb"], max_memory_mb=data["max_memory_mb"],
+                            vcpus=data["vcpus"], os_hint=data.get("os_hint"), source="upload",
+                            user_id=data.get("user_id"), detail=f"uploaded {', '.join(data['names'])}")
         return row.name
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -232,25 +241,12 @@ def import_ova(progress: Progress, upload_dir: str, meta: str) -> str:
             converted.append(to_qcow2(path, progress, i, len(info["files"])))
         name = data.get("name") or info["name"]
         progress.step("Adding the appliance to the library", 85)
-        if db.session.execute(db.select(Appliance.id).where(Appliance.name == name)).first():
-            raise ImportRejected(f"An appliance called {name} exists already.")
-        row = Appliance(name=name, description=data.get("description") or f"Imported from {data['filename']}",
-                        min_memory_mb=info["memory_mb"], max_memory_mb=max(info["memory_mb"], 4 * info["memory_mb"]),
-                        vcpus=info["vcpus"], source="ova", state="importing", created_by_id=data.get("user_id"))
-        db.session.add(row)
-        db.session.flush()
-        try:
-            for i, c in enumerate(converted):
-                library.add_disk_file(row, i, c, move=True)
-            row.state = "ready"
-            actionlog.record("appliance-added", target=row, user_id=data.get("user_id"),
-                             detail=f"OVA {data['filename']}: {info['memory_mb']} MB, {info['vcpus']} vCPU(s), "
-                                    f"{len(converted)} disk(s)")
-            db.session.commit()
-        except BaseException:
-            db.session.rollback()
-            shutil.rmtree(library.appliance_dir(row.id), ignore_errors=True)
-            raise
+        row = add_appliance(converted, name=name,
+                            description=data.get("description") or f"Imported from {data['filename']}",
+                            min_memory_mb=info["memory_mb"], max_memory_mb=4 * info["memory_mb"],
+                            vcpus=info["vcpus"], source="ova", user_id=data.get("user_id"),
+                            detail=f"OVA {data['filename']}: {info['memory_mb']} MB, {info['vcpus']} vCPU(s), "
+                                   f"{len(converted)} disk(s)")
         return row.name
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -346,23 +342,9 @@ def download_catalog_entry(progress: Progress, name: str, user_id: int) -> str:
             files.append(dest)
         converted = [to_qcow2(f, progress, i, len(files)) for i, f in enumerate(files)]
         progress.step("Adding the appliance to the library", 85)
-        if db.session.execute(db.select(Appliance.id).where(Appliance.name == name)).first():
-            raise ImportRejected(f"An appliance called {name} exists already.")
-        row = Appliance(name=name, description=entry["description"], min_memory_mb=entry["min_memory_mb"],
-                        max_memory_mb=entry["max_memory_mb"], vcpus=entry["vcpus"], source="catalog",
-                        state="importing", created_by_id=user_id)
-        db.session.add(row)
-        db.session.flush()
-        try:
-            for i, c in enumerate(converted):
-                library.add_disk_file(row, i, c, move=True)
-            row.state = "ready"
-            actionlog.record("appliance-added", target=row, user_id=user_id, detail="downloaded from the catalog")
-            db.session.commit()
-        except BaseException:
-            db.session.rollback()
-            shutil.rmtree(library.appliance_dir(row.id), ignore_errors=True)
-            raise
+        add_appliance(converted, name=name, description=entry["description"], min_memory_mb=entry["min_memory_mb"],
+                      max_memory_mb=entry["max_memory_mb"], vcpus=entry["vcpus"], source="catalog",
+                      user_id=user_id, detail="downloaded from the catalog")
         ok = True
         return name
     finally:
