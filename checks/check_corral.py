@@ -13,7 +13,6 @@ run the same :class:`Corral` resource in-process through :func:`run_check`.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -180,12 +179,6 @@ def run_check(t: Thresholds | None = None) -> tuple[str, str, str]:
     check, _ = build_check(t)
     check()
     return check.state.text, check.summary_str, " ".join(p for p in check.perfdata if p)
-
-
-def error(self, message):
-        self.print_usage(sys.stderr)
-        print(f"{self.status_name} UNKNOWN: {message}")
-        sys.exit(3)
 
 
 def parser() -> argparse.ArgumentParser:

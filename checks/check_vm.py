@@ -20,7 +20,6 @@ portal's poll maps libvirt states (:data:`portal.monitoring.DOMAIN_TO_VM`):
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 
 import libvirt
@@ -159,12 +158,6 @@ def run_check(vm_name: str) -> tuple[str, str, str]:
     check, _ = build_check(vm_name)
     check()
     return check.state.text, check.summary_str, " ".join(p for p in check.perfdata if p)
-
-
-def error(self, message):
-        self.print_usage(sys.stderr)
-        print(f"{self.status_name} UNKNOWN: {message}")
-        sys.exit(3)
 
 
 def parser() -> argparse.ArgumentParser:
