@@ -1,14 +1,15 @@
 """check_vm: does a VM's libvirt state match what Corral expects? (Nagios plugin)
 
 Reads the VM's state from Corral's database, asks libvirtd on the VM's primary
-server for the domain of the same name, and compares the two the way the
-portal's poll maps libvirt states (:data:`portal.monitoring.DOMAIN_TO_VM`):
+server for the domain of the same name, and compares the two by the rule the
+portal's poll and monitor follow (:func:`portal.monitoring.vm_state_for`):
 
 * OK: they agree (running and running; off or saved, and the domain shut off
   or not defined);
 * CRITICAL: they disagree (Corral says running, the domain is shut off or
-  crashed; the domain runs while Corral says off), or the server cannot be
-  reached;
+  crashed; the domain runs while Corral says off), libvirt runs the VM on
+  another server than Corral records (a move that failed half-way; or on two
+  servers at once), or the server cannot be reached;
 * WARNING: a task owns the VM (creating, partially created, migrating,
   deleting), it is paused or crashed as Corral knows, Corral does not know
   its state, or its server is marked down (not asked);
@@ -20,19 +21,18 @@ portal's poll maps libvirt states (:data:`portal.monitoring.DOMAIN_TO_VM`):
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import libvirt
 import nagiosplugin
 
-from checks.check_vmm_host import list_domains
 from checks import PluginArgumentParser
 from portal import servers
 from portal.extensions import db
-from portal.models import VM, ServerStatus, VMState
-from portal.monitoring import DOMAIN_TO_VM, TASK_OWNED
+from portal.models import VM, Server, ServerStatus, VMState
+from portal.monitoring import TASK_OWNED, vm_state_for
+from portal.vmm import domains
 from portal.vmm.errors import VmmError
-from portal.vmm.session import Target, open_session
+from portal.vmm.session import Target
 
 # Corral states that are fine as long as libvirt agrees; the others agreeing still warn.
 STEADY = {VMState.RUNNING.value, VMState.OFF.value, VMState.SAVED.value}
@@ -50,6 +50,7 @@ class Observed:
     domain: str | None = None  # libvirt's state; None: not defined on the server
     asked: bool = False  # libvirt answered (domain is meaningful)
     error: str | None = None
+    elsewhere: list[str] = field(default_factory=list)  # other servers where the domain is active
 
     @property
     def domain_shown(self) -> str:
@@ -58,10 +59,11 @@ class Observed:
 
 def agrees(expected: str, domain: str | None) -> bool:
     """Would the poll leave Corral's state as it is, given libvirt's?"""
-    if domain is None:
-        return expected in (VMState.OFF.value, VMState.SAVED.value)
-    actual = DOMAIN_TO_VM.get(domain, VMState.UNKNOWN).value
-    return actual == expected or (expected == VMState.SAVED.value and actual == VMState.OFF.value)
+    return vm_state_for(domain, expected).value == expected
+
+
+def _active(domain: str | None) -> bool:
+    return domain is not None and vm_state_for(domain) in (VMState.RUNNING, VMState.PAUSED)
 
 
 def judge(seen: Observed) -> tuple[nagiosplugin.state.ServiceState, str]:
@@ -77,7 +79,14 @@ def judge(seen: Observed) -> tuple[nagiosplugin.state.ServiceState, str]:
         return nagiosplugin.Critical, f"cannot ask {seen.server} about {name}: {seen.error}"
     where = f"libvirt on {seen.server} reports {seen.domain_shown}"
     if expected in TASK_OWNED:
-        return nagiosplugin.Warn, f"{name} is {VMState(expected).label} (a task owns it); {where}"
+        also = f", and it is active on {', '.join(seen.elsewhere)}" if seen.elsewhere else ""
+        return nagiosplugin.Warn, f"{name} is {VMState(expected).label} (a task owns it); {where}{also}"
+    if seen.elsewhere:
+        others = ", ".join(seen.elsewhere)
+        if _active(seen.domain):
+            return nagiosplugin.Critical, f"{name} runs twice: on {seen.server} (Corral's record) and on {others}"
+        return nagiosplugin.Critical, (f"{name} runs on {others}, not where Corral expects it ({seen.server}, "
+                                       f"where libvirt reports {seen.domain_shown})")
     if expected == VMState.UNKNOWN.value:
         return nagiosplugin.Warn, f"Corral does not know the state of {name}; {where}"
     if not agrees(expected, seen.domain):
@@ -116,14 +125,32 @@ class VmState(nagiosplugin.Resource):
         target = self._lookup()
         if target is not None:
             try:
-                with open_session(target) as session:
-                    found = [d["state"] for d in list_domains(session) if d["name"] == self.vm_name]
-                seen.domain = found[0] if found else None
+                seen.domain = domains.listed_state(target, self.vm_name)  # listed as the poll lists them
                 seen.asked = True
-            except (VmmError, libvirt.libvirtError) as exc:
+            except VmmError as exc:
                 seen.error = str(exc)
-        match = int(seen.asked and agrees(seen.expected, seen.domain))
+        if seen.asked:
+            seen.elsewhere = self._active_elsewhere()
+        match = int(seen.asked and not seen.elsewhere and agrees(seen.expected, seen.domain))
         yield nagiosplugin.Metric("state_match", match, min=0, max=1, context="vm_state")
+
+
+    def _active_elsewhere(self) -> list[str]:
+        """The other servers that are up where libvirt has the domain active; one that does not
+        answer is skipped (its own check says so)."""
+        vm = db.session.execute(db.select(VM).where(VM.name == self.vm_name)).scalar_one()
+        others = db.session.execute(db.select(Server).where(
+            Server.id != vm.server_id, Server.status == ServerStatus.UP.value).order_by(Server.hostname)
+        ).scalars().all()
+        found = []
+        for server in others:
+            try:
+                state = domains.listed_state(servers.target_for(server), self.vm_name)
+            except VmmError:
+                continue
+            if state and _active(state):
+                found.append(server.hostname)
+        return found
 
 
 class VmStateContext(nagiosplugin.Context):

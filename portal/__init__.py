@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from flask import Flask, render_template
+from flask import Flask, render_template, request
 from sqlalchemy import event
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as config_mod
 from .extensions import csrf, db, htmx, login_manager, migrate, queues
@@ -30,6 +31,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = config_mod.secret_key(instance)
     _engine_options(app)
+    _proxy_fix(app)
 
     db.init_app(app)
     with app.app_context():
@@ -40,17 +42,36 @@ def create_app(test_config: dict | None = None) -> Flask:
     htmx.init_app(app)
     queues.init_app(app)
 
-    from . import auth_core, cli, views_common
-    from .blueprints import api, auth, library, servers, summary, tasks, users, vms
+    from . import auth_core, cli, metering, views_common
+    from .blueprints import api, auth, backups, library, moves, servers, summary, tasks, users, vms
+    from .blueprints import metering as metering_bp, offerings as offerings_bp, rebalance as rebalance_bp
 
     auth_core.init_app(app)
+    metering.init_app(app)
     views_common.init_app(app)
-    for bp in (auth.bp, summary.bp, servers.bp, vms.bp, library.bp, users.bp, tasks.bp, api.bp):
+    for bp in (auth.bp, summary.bp, servers.bp, vms.bp, moves.bp, backups.bp, library.bp, users.bp, tasks.bp, api.bp):
         app.register_blueprint(bp)
+    app.register_blueprint(metering_bp.bp)
+    from .blueprints import livesync as livesync_bp
+    app.register_blueprint(livesync_bp.bp)
+    app.register_blueprint(offerings_bp.bp)
+    app.register_blueprint(rebalance_bp.bp)
+    from .blueprints import networks as networks_bp
+    app.register_blueprint(networks_bp.bp)
+    from .blueprints import license_keys as license_keys_bp
+    app.register_blueprint(license_keys_bp.bp)
+    from .blueprints import console as console_bp
+    app.register_blueprint(console_bp.bp)
+    from . import api as api_v1
+    api_v1.init_app(app)
+    from . import metrics
+    app.register_blueprint(metrics.bp)
     cli.init_app(app)
 
     @app.errorhandler(404)
     def not_found(e):
+        if request.path.startswith("/api/v1/"):  # no route matched: still the API's JSON error
+            return api_v1.json_error(e)
         return render_template("error.html", code=404, message="That page or object does not exist."), 404
 
     @app.errorhandler(403)
@@ -62,6 +83,13 @@ def create_app(test_config: dict | None = None) -> Flask:
         return render_template("error.html", code=500, message="Something went wrong on our side; it has been logged."), 500
 
     return app
+
+
+def _proxy_fix(app: Flask) -> None:
+    """Believe X-Forwarded-* only from as many proxies as the settings name (none by default)."""
+    hops = {key: int(app.config.get(f"PROXY_FIX_X_{key.upper()}") or 0) for key in ("for", "proto", "host")}
+    if any(hops.values()):
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops["for"], x_proto=hops["proto"], x_host=hops["host"])
 
 
 def _sqlite_pragmas(engine) -> None:

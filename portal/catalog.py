@@ -6,8 +6,10 @@ Index format::
                      "vcpus": 1, "disk_gb": 8,
                      "disks": [{"url": "disk0.qcow2.xz", "sha256": "...", "size_bytes": 123}]}]}
 
-Disk URLs may be relative to the index. The configured URL and the last
-fetched index are kept in ``<instance>/catalog.json`` (no network in requests).
+Disk URLs may be relative to the index; every one must be http(s). Entry
+names follow the library's name rule. The configured URL and the last fetched
+index are kept in ``<SHARED_PATH>/catalog.json`` (no network in requests; the
+worker that fetches may run on another machine).
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from urllib.parse import urljoin, urlparse
 
 from flask import current_app
 
+from .library import LibraryError, check_name
+from .shared import shared_dir
+
 
 class CatalogError(Exception):
     """The catalog or one of its entries is unusable, with the reason."""
 
 
 def state_path() -> Path:
-    return Path(current_app.instance_path) / "catalog.json"
+    return shared_dir() / "catalog.json"
 
 
 def load() -> dict:
@@ -42,10 +47,15 @@ def save(state: dict) -> None:
     tmp.replace(state_path())
 
 
+def is_web_url(url: str) -> bool:
+    """http(s) with a host: never file://, ftp:// or anything else a download library might open."""
+    parsed = urlparse(url)
+    return parsed.scheme in ("http", "https") and bool(parsed.netloc)
+
+
 def check_url(url: str) -> str:
     url = url.strip()
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+    if not is_web_url(url):
         raise CatalogError("The catalog URL must be an http:// or https:// address.")
     return url
 
@@ -68,11 +78,15 @@ def parse_index(data: bytes, base_url: str) -> list[dict]:
                      "size_bytes": sum(d["size_bytes"] for d in disks)}
         except (KeyError, TypeError, ValueError) as exc:
             raise CatalogError(f"Catalog entry {i + 1} is incomplete ({exc}).") from None
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._ -]{1,63}$", entry["name"]):
-            raise CatalogError(f"Catalog entry {i + 1} has an unusable name {entry['name']!r}.")
+        try:
+            check_name(entry["name"])
+        except LibraryError as exc:
+            raise CatalogError(f"Catalog entry {i + 1} has an unusable name: {exc}") from None
         if not 1 <= len(disks) <= 4 or any(not re.fullmatch(r"[0-9a-f]{64}", d["sha256"]) for d in disks):
             raise CatalogError(f"Catalog entry {entry['name']} needs one to four disks, each with a sha256.")
-        if urlparse(disks[0]["url"]).scheme not in ("http", "https"):
-            raise CatalogError(f"Catalog entry {entry['name']} has a disk URL that is not http(s).")
+        for n, d in enumerate(disks, 1):
+            if not is_web_url(d["url"]):
+                raise CatalogError(f"Catalog entry {entry['name']}: disk {n} is not an http:// or https:// "
+                                   f"address ({d['url'][:80]}).")
         entries.append(entry)
     return entries

@@ -57,14 +57,15 @@ class Queues:
             )
         return state["redis"]
 
-    def name(self, area: str = "default") -> str:
-        return f"{current_app.config['QUEUE_PREFIX']}-{area}"
+    def name(self) -> str:
+        """Corral's one queue: every worker reads it (per-server queues come when a job needs them)."""
+        return f"{current_app.config['QUEUE_PREFIX']}-default"
 
-    def queue(self, area: str = "default") -> Queue:
-        return Queue(self.name(area), connection=self.redis)
+    def queue(self) -> Queue:
+        return Queue(self.name(), connection=self.redis)
 
     def all_names(self) -> list[str]:
-        return [self.name("default")]
+        return [self.name()]
 
 
 queues = Queues()

@@ -50,3 +50,39 @@ def check_custom(mac: str) -> str:
     if db.session.execute(db.select(NIC.id).where(NIC.mac == mac)).first():
         raise MacError(f"{mac} is already used by another VM's NIC.")
     return mac
+
+
+def rocks_prefix(public_ip: str) -> tuple[int, int, int]:
+    """Rocks' MAC prefix for a cluster whose frontend has *public_ip*: drop the first octet, reverse the
+    other three, set the locally administered bit and clear the multicast bit of the first
+    (137.110.119.118 -> 76:77:6e)."""
+    parts = public_ip.strip().split(".")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) <= 255 for p in parts):
+        raise MacError(f"{public_ip!r} is not an IPv4 address.")
+    first, second, third = (int(p) for p in reversed(parts[1:]))
+    prefix = ((first | 0x02) & ~0x01 & 0xFF, second, third)
+    if prefix[:2] == GENERATED_PREFIX:
+        raise MacError(f"{public_ip} gives the prefix {prefix[0]:02x}:{prefix[1]:02x}, which Corral's generated "
+                       "MACs use; choose another public address.")
+    return prefix
+
+
+def rocks_macs(public_ip: str, count: int, taken: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """*count* MACs ``PP:PP:PP:8C:CC:CC`` (a counter per VM and NIC from 0, as in Rocks' ``…:80:00:00``,
+    ``…:80:00:01``), skipping every MAC in *taken* (other clusters', generated and custom ones)."""
+    prefix = rocks_prefix(public_ip)
+    out: list[str] = []
+    n = 0
+    while len(out) < count:
+        if n > 0x7FFFFF:
+            raise MacError(f"No free MAC left under the prefix of {public_ip}.")
+        mac = ":".join(f"{o:02x}" for o in (*prefix, 0x80 | n >> 16, n >> 8 & 0xFF, n & 0xFF))
+        if mac not in taken:
+            out.append(mac)
+        n += 1
+    return out
+
+
+def taken_macs() -> set[str]:
+    """Every MAC a NIC has now."""
+    return set(db.session.execute(db.select(NIC.mac)).scalars())

@@ -97,6 +97,12 @@ class VMState(str, enum.Enum):
         return "partially created" if self is VMState.PARTIAL else self.value
 
 
+class ApplianceState(str, enum.Enum):
+    IMPORTING = "importing"  # rows exist only inside the transaction that adds the appliance
+    READY = "ready"
+    FAILED = "failed"
+
+
 class BackupMode(str, enum.Enum):
     NONE = "none"
     LIVESYNC = "livesync"
@@ -195,6 +201,8 @@ class Server(db.Model):
     memory_mb: Mapped[int] = mapped_column(Integer, default=0)
     free_memory_mb: Mapped[int | None] = mapped_column(Integer)
     nics: Mapped[int] = mapped_column(Integer, default=0)
+    # JSON list of the server's interfaces (NICs and bridges) from its facts; None: not probed yet
+    interfaces_json: Mapped[str | None] = mapped_column(Text)
     mhz: Mapped[int] = mapped_column(Integer, default=0)
     hypervisor_vendor: Mapped[str | None] = mapped_column(String(64))
     hypervisor_type: Mapped[str | None] = mapped_column(String(64))
@@ -210,6 +218,8 @@ class Server(db.Model):
     # monitor: JSON list of {"name", "uuid", "state"}.
     domains_json: Mapped[str | None] = mapped_column(Text)
     load1: Mapped[float | None] = mapped_column(Float)
+    # Since when the server's load is over a rebalancing threshold (portal.rebalance; None: under).
+    over_threshold_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     disks: Mapped[list[ServerDisk]] = relationship(
         back_populates="server", cascade="all, delete-orphan", order_by="ServerDisk.id"
@@ -239,6 +249,9 @@ class ServerDisk(db.Model):
     mountpoint: Mapped[str] = mapped_column(String(255))
     size_gb: Mapped[int] = mapped_column(Integer, default=0)
     free_gb: Mapped[int | None] = mapped_column(Integer)
+    # Disks with the same group are one storage seen by several servers (same
+    # mountpoint), set only after Corral verified it with a marker file.
+    shared_group: Mapped[str | None] = mapped_column(String(64), index=True)
 
     server: Mapped[Server] = relationship(back_populates="disks")
 
@@ -294,6 +307,28 @@ class Network(db.Model):
     vlan: Mapped[int | None] = mapped_column(Integer, unique=True)
     cidr: Mapped[str | None] = mapped_column(String(64))
     description: Mapped[str | None] = mapped_column(Text)
+    # the servers' NIC a bridged network (or a VLAN across servers) rides on; see portal/networks.py
+    uplink: Mapped[str | None] = mapped_column(String(15))
+    dhcp_start: Mapped[str | None] = mapped_column(String(45))
+    dhcp_end: Mapped[str | None] = mapped_column(String(45))
+
+    reservations: Mapped[list[NetworkReservation]] = relationship(
+        back_populates="network", cascade="all, delete-orphan", order_by="NetworkReservation.ip")
+
+
+class NetworkReservation(db.Model):
+    """A MAC -> IP reservation on a network (Eucalyptus' STATIC mode)."""
+
+    __tablename__ = "network_reservations"
+    __table_args__ = (UniqueConstraint("network_id", "mac", name="uq_reservations_mac"),
+                      UniqueConstraint("network_id", "ip", name="uq_reservations_ip"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    network_id: Mapped[int] = mapped_column(ForeignKey("networks.id", ondelete="CASCADE"), index=True)
+    mac: Mapped[str] = mapped_column(String(17))
+    ip: Mapped[str] = mapped_column(String(45))
+
+    network: Mapped[Network] = relationship(back_populates="reservations")
 
 
 class Appliance(db.Model):
@@ -313,17 +348,39 @@ class Appliance(db.Model):
     vcpus: Mapped[int] = mapped_column(Integer, default=1)
     os_hint: Mapped[str | None] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(String(16), default="upload")
-    state: Mapped[str] = mapped_column(String(16), default="importing")
+    state: Mapped[str] = mapped_column(String(16), default=ApplianceState.IMPORTING.value)
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # VMs from it each need a serial key from the pool (portal/license_keys.py)
+    license_required: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
 
     disks: Mapped[list[ApplianceDisk]] = relationship(
         back_populates="appliance", cascade="all, delete-orphan", order_by="ApplianceDisk.position"
     )
 
     @property
+    def ready(self) -> bool:
+        return self.state == ApplianceState.READY.value
+
+    @property
     def size_bytes(self) -> int:
         return sum(d.file_size_bytes or 0 for d in self.disks)
+
+
+class LicenseKey(db.Model):
+    """A serial key for an appliance that needs one; held by at most one VM (see portal/license_keys.py)."""
+
+    __tablename__ = "license_keys"
+    __table_args__ = (UniqueConstraint("appliance_id", "key", name="uq_license_keys_key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    appliance_id: Mapped[int] = mapped_column(ForeignKey("appliances.id", ondelete="CASCADE"), index=True)
+    key: Mapped[str] = mapped_column(String(255))
+    vm_id: Mapped[int | None] = mapped_column(ForeignKey("vms.id", ondelete="SET NULL"), unique=True)
+    added_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    appliance: Mapped[Appliance] = relationship()
+    vm: Mapped[VM | None] = relationship()
 
 
 class ApplianceDisk(db.Model):
@@ -377,6 +434,8 @@ class VM(db.Model):
         ForeignKey("servers.id", ondelete="RESTRICT"), index=True
     )
     backup_mode: Mapped[str] = mapped_column(String(24), default=BackupMode.NONE.value)
+    # The ServerDisk on backup_server where the LiveSync copy lives.
+    backup_disk_id: Mapped[int | None] = mapped_column(ForeignKey("server_disks.id", ondelete="RESTRICT"))
     is_clone: Mapped[bool] = mapped_column(Boolean, default=False)
     usb_tablet: Mapped[bool] = mapped_column(Boolean, default=False)
     state: Mapped[str] = mapped_column(String(16), default=VMState.CREATING.value, index=True)
@@ -388,7 +447,10 @@ class VM(db.Model):
     owner: Mapped[User] = relationship(back_populates="vms")
     server: Mapped[Server | None] = relationship(back_populates="vms", foreign_keys=[server_id])
     backup_server: Mapped[Server | None] = relationship(foreign_keys=[backup_server_id])
-    disk: Mapped[ServerDisk | None] = relationship()
+    disk: Mapped[ServerDisk | None] = relationship(foreign_keys=[disk_id])
+    backup_disk: Mapped[ServerDisk | None] = relationship(foreign_keys=[backup_disk_id])
+    livesync: Mapped[LiveSync | None] = relationship(back_populates="vm", cascade="all, delete-orphan",
+                                                     passive_deletes=True)
     appliance: Mapped[Appliance | None] = relationship()
     iso: Mapped[IsoImage | None] = relationship()
     vdisks: Mapped[list[VirtualDisk]] = relationship(
@@ -408,6 +470,47 @@ class VM(db.Model):
 
     def __repr__(self) -> str:
         return f"<VM {self.name} #{self.vmid} {self.state}>"
+
+
+class LiveSyncState(str, enum.Enum):
+    UNPROTECTED = "unprotected"
+    SYNCING = "syncing"
+    IN_SYNC = "in_sync"
+    BROKEN = "broken"
+
+
+class LiveSync(db.Model):
+    """The LiveSync state of one protected VM: a synchronous copy of its disks on ``vm.backup_server``.
+
+    The copy always flows from ``vm.server`` (where the VM runs or would run)
+    to ``vm.backup_server``. ``home_server_id`` is the VM's designated primary;
+    after a failover ``vm.server_id != home_server_id`` (running on its backup).
+    ``epoch`` is a fencing generation, bumped on every failover and every
+    change of the copy's direction. Only a copy whose row is ``in_sync`` may
+    ever be started.
+    """
+
+    __tablename__ = "livesync"
+    __table_args__ = (enum_check("state", LiveSyncState, "state"),)
+
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), default=LiveSyncState.UNPROTECTED.value)
+    progress_pct: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    broken_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    broken_reason: Mapped[str | None] = mapped_column(Text)
+    home_server_id: Mapped[int | None] = mapped_column(ForeignKey("servers.id", ondelete="RESTRICT"), index=True)
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    export_port: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    vm: Mapped[VM] = relationship(back_populates="livesync")
+    home_server: Mapped[Server | None] = relationship(foreign_keys=[home_server_id])
+
+    @property
+    def state_enum(self) -> LiveSyncState:
+        return LiveSyncState(self.state)
 
 
 class VirtualDisk(db.Model):
@@ -510,3 +613,262 @@ class ActionLog(db.Model):
     task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id", ondelete="SET NULL"))
 
     user: Mapped[User | None] = relationship()
+
+
+class BackupKind(str, enum.Enum):
+    FULL = "full"
+    INCREMENTAL = "incremental"  # a qcow2 overlay holding what changed since its parent
+
+
+class BackupState(str, enum.Enum):
+    CREATING = "creating"
+    READY = "ready"
+    FAILED = "failed"
+    DELETING = "deleting"
+
+
+class Backup(db.Model):
+    """A copy of every disk of a VM at one time, in a backup store on a server disk.
+
+    An incremental backup's files are qcow2 overlays whose backing files are
+    its parent's: reading one gives the whole disk. Deleting a backup deletes
+    the backups built on it (``parent_id`` cascades); deleting the VM deletes
+    all of its backups (rows cascade, the delete job removes the files).
+    """
+
+    __tablename__ = "backups"
+    __table_args__ = (
+        enum_check("kind", BackupKind, "kind"),
+        enum_check("state", BackupState, "state"),
+        Index("ix_backups_vm_created", "vm_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"))
+    server_id: Mapped[int] = mapped_column(ForeignKey("servers.id", ondelete="CASCADE"), index=True)
+    disk_id: Mapped[int] = mapped_column(ForeignKey("server_disks.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(String(1024))  # the backup's directory on the server
+    kind: Mapped[str] = mapped_column(String(16), default=BackupKind.FULL.value)
+    live: Mapped[bool] = mapped_column(Boolean, default=True)  # taken while the VM ran (else a copy while off)
+    scheduled: Mapped[bool] = mapped_column(Boolean, default=False)  # made by a BackupSchedule (pruned by it)
+    checkpoint: Mapped[str | None] = mapped_column(String(64))  # libvirt checkpoint the next incremental starts from
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("backups.id", ondelete="CASCADE"), index=True)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16), default=BackupState.CREATING.value)
+    error: Mapped[str | None] = mapped_column(Text)
+    task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    vm: Mapped[VM] = relationship()
+    server: Mapped[Server] = relationship()
+    disk: Mapped[ServerDisk] = relationship()
+    parent: Mapped[Backup | None] = relationship(remote_side=[id])
+    files: Mapped[list[BackupFile]] = relationship(back_populates="backup", cascade="all, delete-orphan",
+                                                   passive_deletes=True, order_by="BackupFile.position")
+
+    @property
+    def kind_enum(self) -> BackupKind:
+        return BackupKind(self.kind)
+
+    @property
+    def state_enum(self) -> BackupState:
+        return BackupState(self.state)
+
+
+class BackupFile(db.Model):
+    """One disk of a backup: the file, its size and sha256 as computed on the server."""
+
+    __tablename__ = "backup_files"
+    __table_args__ = (UniqueConstraint("backup_id", "position", name="uq_backup_files_pos"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    backup_id: Mapped[int] = mapped_column(ForeignKey("backups.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer, default=0)  # the VirtualDisk's position
+    target: Mapped[str] = mapped_column(String(16))  # guest device, e.g. vda
+    path: Mapped[str] = mapped_column(String(1024))
+    virtual_size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+
+    backup: Mapped[Backup] = relationship(back_populates="files")
+
+
+class BackupPeriod(str, enum.Enum):
+    DAILY = "daily"
+    WEEKLY = "weekly"
+
+
+class BackupSchedule(db.Model):
+    """A VM's regular backups: daily or weekly at an hour (UTC), keeping the newest ``keep`` scheduled ones.
+
+    The periodic poll submits a backup task when ``next_run_at`` has passed
+    (and moves ``next_run_at`` on, whether or not the VM could be backed up).
+    """
+
+    __tablename__ = "backup_schedules"
+    __table_args__ = (
+        enum_check("period", BackupPeriod, "period"),
+        CheckConstraint("keep BETWEEN 1 AND 100", name="keep_range"),
+        CheckConstraint("hour BETWEEN 0 AND 23", name="hour_range"),
+    )
+
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), primary_key=True)
+    period: Mapped[str] = mapped_column(String(8), default=BackupPeriod.DAILY.value)
+    hour: Mapped[int] = mapped_column(Integer, default=2)
+    weekday: Mapped[int] = mapped_column(Integer, default=6)  # 0 Monday .. 6 Sunday, for weekly
+    keep: Mapped[int] = mapped_column(Integer, default=7)
+    next_run_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    last_task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id", ondelete="SET NULL"))
+    last_note: Mapped[str | None] = mapped_column(Text)  # why the last due run did not start, if it did not
+
+    vm: Mapped[VM] = relationship()
+
+
+class VMStateInterval(db.Model):
+    """One span of a VM's life with everything it is charged for held constant (``portal.metering``).
+
+    Recorded by a session hook whenever a VM's state, size, owner, LiveSync or
+    backups change; the open span has no ``ended_at``. Rows keep the VM's and
+    owner's names and ids without foreign keys, so they outlive both.
+    """
+
+    __tablename__ = "vm_state_intervals"
+    __table_args__ = (Index("ix_vm_state_intervals_vm_end", "vm_id", "ended_at"),
+                      Index("ix_vm_state_intervals_span", "started_at", "ended_at"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    vm_id: Mapped[int] = mapped_column(Integer)
+    vm_name: Mapped[str] = mapped_column(String(8))
+    owner_id: Mapped[int] = mapped_column(Integer, index=True)
+    owner_name: Mapped[str] = mapped_column(String(64))
+    appliance_id: Mapped[int | None] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    running: Mapped[bool] = mapped_column(Boolean, default=False)
+    vcpus: Mapped[int] = mapped_column(Integer)
+    memory_mb: Mapped[int] = mapped_column(Integer)
+    disk_gb: Mapped[int] = mapped_column(Integer)
+    livesync: Mapped[bool] = mapped_column(Boolean, default=False)
+    backup_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class UsageRecord(db.Model):
+    """What one VM used in one hour (UTC), in unit-seconds; built from ``VMStateInterval`` rows."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (UniqueConstraint("vm_id", "hour", "owner_id", "appliance_id", name="uq_usage_vm_hour"),
+                      Index("ix_usage_owner_hour", "owner_id", "hour"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    hour: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    vm_id: Mapped[int] = mapped_column(Integer)
+    vm_name: Mapped[str] = mapped_column(String(8))
+    owner_id: Mapped[int] = mapped_column(Integer)
+    owner_name: Mapped[str] = mapped_column(String(64))
+    appliance_id: Mapped[int | None] = mapped_column(Integer)
+    defined_seconds: Mapped[int] = mapped_column(Integer, default=0)
+    running_seconds: Mapped[int] = mapped_column(Integer, default=0)
+    vcpu_seconds: Mapped[int] = mapped_column(BigInteger, default=0)
+    memory_mb_seconds: Mapped[int] = mapped_column(BigInteger, default=0)
+    disk_gb_seconds: Mapped[int] = mapped_column(BigInteger, default=0)
+    livesync_seconds: Mapped[int] = mapped_column(Integer, default=0)
+    backup_byte_seconds: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class MeteringCursor(db.Model):
+    """The end of the last hour turned into usage records (one row)."""
+
+    __tablename__ = "metering_cursor"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    until: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class PriceSheet(db.Model):
+    """Prices per unit-hour, in millionths of the currency unit, in force from ``effective_from`` (UTC).
+
+    A sheet with an appliance applies to VMs made from it; otherwise to all
+    VMs. For each hour the newest sheet in force wins (an appliance's own
+    sheet before the general one).
+    """
+
+    __tablename__ = "price_sheets"
+    __table_args__ = (UniqueConstraint("effective_from", "appliance_id", name="uq_price_sheets_from_appliance"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    effective_from: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    appliance_id: Mapped[int | None] = mapped_column(ForeignKey("appliances.id", ondelete="CASCADE"))
+    vcpu_hour: Mapped[int] = mapped_column(BigInteger, default=0)
+    memory_gb_hour: Mapped[int] = mapped_column(BigInteger, default=0)
+    disk_gb_hour: Mapped[int] = mapped_column(BigInteger, default=0)
+    running_hour: Mapped[int] = mapped_column(BigInteger, default=0)
+    defined_hour: Mapped[int] = mapped_column(BigInteger, default=0)
+    livesync_hour: Mapped[int] = mapped_column(BigInteger, default=0)
+    backup_gb_hour: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    appliance: Mapped[Appliance | None] = relationship()
+
+
+offering_users = db.Table(
+    "offering_users",
+    db.Column("offering_id", ForeignKey("offerings.id", ondelete="CASCADE"), primary_key=True),
+    db.Column("user_id", ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+)
+
+
+class Offering(db.Model):
+    """A service in the catalog: an appliance at a size with a backup plan and a list price (``portal.offerings``).
+
+    ``order_roles`` (comma-separated roles) and ``order_users`` say who may
+    order it; ordering opens the create form bounded by the offering.
+    """
+
+    __tablename__ = "offerings"
+    __table_args__ = (
+        CheckConstraint("backup IN ('none', 'daily', 'weekly', 'livesync', 'livesync_failover')", name="backup"),
+        CheckConstraint("memory_mb > 0 AND vcpus > 0", name="sizing"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    appliance_id: Mapped[int] = mapped_column(ForeignKey("appliances.id", ondelete="CASCADE"), index=True)
+    memory_mb: Mapped[int] = mapped_column(Integer)
+    vcpus: Mapped[int] = mapped_column(Integer, default=1)
+    backup: Mapped[str] = mapped_column(String(8), default="none")
+    monthly_price: Mapped[int] = mapped_column(BigInteger, default=0)  # millionths of the currency unit
+    order_roles: Mapped[str] = mapped_column(String(32), default="power,manager")
+    published: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    appliance: Mapped[Appliance] = relationship()
+    order_users: Mapped[list[User]] = relationship(secondary=offering_users, order_by="User.username")
+
+
+class ApiToken(db.Model):
+    """A personal API token (``portal.api_tokens``): only its SHA-256 is stored; the secret is shown once.
+
+    ``scope`` is ``read`` (GET only) or ``write``; a token acts as its user,
+    with that user's permissions, until it expires or is revoked.
+    """
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (CheckConstraint("scope IN ('read', 'write')", name="scope"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    prefix: Mapped[str] = mapped_column(String(16))  # the secret's first characters, to recognise it
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scope: Mapped[str] = mapped_column(String(8), default="read")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    user: Mapped[User] = relationship()

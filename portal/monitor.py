@@ -13,34 +13,18 @@ import queue
 import threading
 import time
 
-import libvirt
 from flask import Flask
 
-from checks.check_vmm_host import list_domains
-
-from . import monitoring, servers
+from . import metrics, monitoring, servers
 from .extensions import db
-from .models import VM, Server, ServerStatus, VMState, utcnow
-from .vmm.events import ConnectionEvent, DomainEvent, EventHub
-from .vmm.session import HostSession
+from .models import VM, Server, ServerStatus, utcnow
+from .vmm.domains import DomainState
+from .vmm.errors import VmmError
+from .livesync_watch import Watcher
+from .ha import Witness
+from .vmm.events import BlockJobEvent, ConnectionEvent, DomainEvent, EventHub
 
 log = logging.getLogger(__name__)
-
-
-class _Conn(HostSession):
-    """A HostSession around an existing libvirt connection (for list_domains)."""
-
-    def __init__(self, target, conn):
-        super().__init__(target)
-        self._conn = conn
-
-    def _run(self, *a, **k):  # pragma: no cover - never used for commands
-        raise RuntimeError("no commands through the monitor")
-
-    put = get = _run
-
-    def close(self):
-        pass  # the hub owns the connection
 
 
 class Monitor:
@@ -50,6 +34,8 @@ class Monitor:
         self.hub = EventHub()
         self.stop = threading.Event()
         self.events_applied = 0
+        self.livesync = Watcher(app)
+        self.witness = Witness(app)
 
     def reconcile(self) -> None:
         """Subscribe to up servers; drop marked-down and deleted ones; retry dead ones."""
@@ -65,15 +51,16 @@ class Monitor:
             if key not in self.hub.watching():
                 if self.hub.watch(key, target):
                     self._refresh_domains(key, target)
+        with self.app.app_context():
+            metrics.set_gauge("monitor_connections", len(self.hub.watching()))
 
     def _refresh_domains(self, key: int, target) -> None:
-        conn = self.hub.connection(key)
-        if conn is None:
-            return
         try:
-            domains = list_domains(_Conn(target, conn))
-        except libvirt.libvirtError as exc:
+            domains = self.hub.domains(key)
+        except VmmError as exc:
             log.warning("listing domains on %s failed: %s", target.hostname, exc)
+            return
+        if domains is None:
             return
         with self.app.app_context():
             server = db.session.get(Server, key)
@@ -97,8 +84,7 @@ class Monitor:
             vm = db.session.execute(
                 db.select(VM).where(VM.name == event.domain, VM.server_id == server.id)).scalar_one_or_none()
             if vm is not None and vm.state not in monitoring.TASK_OWNED:
-                new = {"saved": VMState.SAVED, "undefined": VMState.OFF}.get(event.state) or \
-                    monitoring.DOMAIN_TO_VM.get(event.state, VMState.UNKNOWN)
+                new = monitoring.vm_state_for(event.state, vm.state)
                 if vm.state != new.value:
                     vm.state, vm.state_changed_at = new.value, utcnow()
             db.session.commit()
@@ -107,20 +93,22 @@ class Monitor:
     def _domains_after(self, server: Server, event: DomainEvent) -> list[dict]:
         """The server's domains now: listed afresh (a destroyed transient domain
         sends no "undefined" event), or patched from the event if listing fails."""
-        conn = self.hub.connection(event.key)
-        if conn is not None:
-            try:
-                return list_domains(_Conn(None, conn))
-            except libvirt.libvirtError:
-                pass
+        try:
+            listed = self.hub.domains(event.key)
+        except VmmError:
+            listed = None
+        if listed is not None:
+            return listed
         domains = [d for d in server.domains if d["name"] != event.domain]
-        if event.state != "undefined":
+        if event.state != DomainState.UNDEFINED:
             domains.append({"name": event.domain, "uuid": event.uuid, "state": event.state})
         return domains
 
     def run(self, *, max_seconds: float | None = None) -> None:
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         next_reconcile = 0.0
+        self.livesync.start()
+        self.witness.start()
         while not self.stop.is_set() and (deadline is None or time.monotonic() < deadline):
             now = time.monotonic()
             if now >= next_reconcile:
@@ -136,6 +124,11 @@ class Monitor:
             try:
                 if isinstance(event, DomainEvent | ConnectionEvent):
                     self.apply(event)
+                elif isinstance(event, BlockJobEvent):
+                    with self.app.app_context():
+                        self.livesync.block_job(event)
             except Exception:
                 log.exception("applying %s failed", event)
+        self.livesync.stop.set()
+        self.witness.stop.set()
         self.hub.close()

@@ -28,8 +28,26 @@ def can_see_vm(user: User, vm: VM) -> bool:
 
 
 def can_operate_vm(user: User, vm: VM) -> bool:
-    """Power buttons, console, settings of the VM."""
+    """Power buttons and console: everyone who may see the VM, its owner included."""
     return can_see_vm(user, vm)
+
+
+def _manager_or_power_owner(user: User, vm: VM) -> bool:
+    """What changes a VM's footprint (size, server, existence) is for managers, and power users for their own
+    VMs: those who run the servers, and those whose creations a quota bounds. Regular users only operate."""
+    return is_manager(user) or (user.role == Role.POWER.value and not user.disabled and vm.owner_id == user.id)
+
+
+def can_change_settings(user: User, vm: VM) -> bool:
+    """Memory, vCPUs and disk sizes: a regular user operates the VMs they were given but does not grow them."""
+    return _manager_or_power_owner(user, vm)
+
+
+def managers() -> list[User]:
+    """Who to ask when a page says a manager's action is needed (enabled managers, by name)."""
+    return list(db.session.execute(
+        db.select(User).where(User.role == Role.MANAGER.value, User.disabled.is_(False)).order_by(User.username)
+    ).scalars())
 
 
 def can_create_vm(user: User) -> bool:
@@ -37,8 +55,7 @@ def can_create_vm(user: User) -> bool:
 
 
 def can_delete_vm(user: User, vm: VM) -> bool:
-    """Managers, and power users for their own VMs (regular users only operate)."""
-    return is_manager(user) or (user.role == Role.POWER.value and vm.owner_id == user.id)
+    return _manager_or_power_owner(user, vm)
 
 
 def can_change_owner(user: User) -> bool:
@@ -111,3 +128,8 @@ def get_task_or_404(task_id: int) -> Task:
     if task is None or not can_see_task(current_user, task):
         abort(404)
     return task
+
+
+def can_move_vm(user: User, vm: VM) -> bool:
+    """Live migration and cold move."""
+    return _manager_or_power_owner(user, vm)

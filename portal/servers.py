@@ -133,6 +133,7 @@ def register(*, hostname: str, address: str, port: int, transport: str, host_key
         status=ServerStatus.UP.value, last_seen=utcnow(),
         **{k: facts[k] for k in ("cpus", "cores_per_cpu", "hyperthreading", "memory_mb", "free_memory_mb", "nics",
                                  "mhz", "hypervisor_vendor", "hypervisor_type", "hypervisor_version")},
+        interfaces_json=json.dumps(facts["interfaces"]) if facts.get("interfaces") else None,
     )
     db.session.add(server)
     db.session.flush()

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy import func
 
-from . import permissions, quotas
+from . import livesync, permissions, quotas
 from .extensions import db
-from .models import VM, Server, ServerStatus, Task, TaskState, User, VMState, utcnow
+from .models import ACTIVE_TASK_STATES, VM, BackupMode, Server, ServerStatus, Task, TaskState, User, VMState, utcnow
 
 
 @dataclass
@@ -21,6 +22,7 @@ class Summary:
     tasks_queued: int = 0
     tasks_failed_day: int = 0
     quota: list[quotas.QuotaLine] = field(default_factory=list)
+    livesync: livesync.Counts = field(default_factory=livesync.Counts)
 
     def as_dict(self) -> dict:
         return {
@@ -30,6 +32,7 @@ class Summary:
             "tasks": {"running": self.tasks_running, "queued": self.tasks_queued,
                       "failed_last_day": self.tasks_failed_day},
             "quota": [{"label": q.label, "used": q.used, "limit": q.limit, "unit": q.unit} for q in self.quota],
+            "livesync": dataclasses.asdict(self.livesync),
         }
 
 
@@ -46,7 +49,7 @@ def build(user: User) -> Summary:
     day_ago = utcnow() - timedelta(days=1)
     task_stmt = permissions.visible_tasks(
         db.select(Task.state, func.count())
-        .where((Task.state.in_(["queued", "running"])) | ((Task.state == "failed") & (Task.created_at >= day_ago)))
+        .where((Task.state.in_(ACTIVE_TASK_STATES)) | ((Task.state == TaskState.FAILED.value) & (Task.created_at >= day_ago)))
         .group_by(Task.state),
         user,
     )
@@ -55,4 +58,6 @@ def build(user: User) -> Summary:
     s.tasks_queued = t.get(TaskState.QUEUED.value, 0)
     s.tasks_failed_day = t.get(TaskState.FAILED.value, 0)
     s.quota = quotas.lines(user)
+    protected = permissions.visible_vms(db.select(VM), user).where(VM.backup_mode != BackupMode.NONE.value)
+    s.livesync = livesync.counts(db.session.execute(protected).scalars().all())
     return s

@@ -1,8 +1,11 @@
 """Tasks: durable rows for background work, and the one enqueue helper.
 
-A view calls :func:`submit` as its last step: it records the Task row and an
-action-log row, commits, and enqueues the RQ job whose id is derived from the
-task (``<prefix>-task-<id>``). A task may carry an ``active key`` (by default
+A view calls :func:`submit` to record the Task row and an action-log row
+(it flushes, never commits); the edge then commits once and calls
+:func:`enqueue`, which puts the RQ job (id ``<prefix>-task-<id>``) on the
+queue. Enqueueing after the commit means a worker never sees a task the
+database does not have yet; a queue that does not answer fails the task and
+leaves its target in a state the pages explain. A task may carry an ``active key`` (by default
 kind + target): while a task with that key is queued or running, submitting
 again returns the same task, so a double click enqueues once. The key is a
 unique column, so two racing requests cannot both create a task.
@@ -11,7 +14,8 @@ unique column, so two racing requests cannot both create a task.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import redis
@@ -36,6 +40,12 @@ class QueueUnavailable(Exception):
 class Submitted:
     task: Task
     created: bool  # False: an identical task was already active
+    func: Callable | None = None
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    retries: int = 0
+    retry_interval: int = 10
+    timeout: int | None = None
 
 
 def default_key(kind: str, target) -> str | None:
@@ -46,7 +56,7 @@ def default_key(kind: str, target) -> str | None:
 
 def submit(
     kind: str,
-    func,
+    func: Callable,
     *,
     title: str,
     requester_id: int | None,
@@ -54,13 +64,11 @@ def submit(
     key: str | None = "default",
     args: tuple = (),
     kwargs: dict | None = None,
-    area: str = "default",
     retries: int = 0,
     retry_interval: int = 10,
     timeout: int | None = None,
-    depends_on: Job | str | None = None,
 ) -> Submitted:
-    """Record, commit and enqueue a task running ``func(task_id, *args)``."""
+    """Record a task that will run ``func(task_id, *args)`` (flushes; the caller commits, then :func:`enqueue`)."""
     if key == "default":
         key = default_key(kind, target)
     if key is not None:
@@ -80,36 +88,50 @@ def submit(
     db.session.add(task)
     try:
         db.session.flush()
-        task.job_id = f"{current_app.config['QUEUE_PREFIX']}-task-{task.id}"
-        actionlog.record(f"task:{kind}", target=target, detail=title, user_id=requester_id, task_id=task.id)
-        db.session.commit()
     except IntegrityError:
+        # A racing twin committed the same key first: its task does the work, and
+        # this request's pending changes go with the rollback (it is "busy").
         db.session.rollback()
         existing = _active_with_key(key) if key else None
         if existing is None:
             raise
         return Submitted(existing, False)
+    task.job_id = f"{current_app.config['QUEUE_PREFIX']}-task-{task.id}"
+    actionlog.record(f"task:{kind}", target=target, detail=title, user_id=requester_id, task_id=task.id)
+    db.session.flush()
+    return Submitted(task, True, func, tuple(args), dict(kwargs or {}), retries, retry_interval, timeout)
 
+
+def enqueue(sub: Submitted) -> None:
+    """Put a recorded, committed task on the queue (nothing to do for an already active twin).
+
+    When Redis does not answer, the task is marked failed, whatever it was to
+    act on is left in a state the pages explain (:func:`_abandoned`), and
+    :class:`QueueUnavailable` carries the sentence for the user. Flushes; the
+    caller commits that outcome.
+    """
+    if not sub.created:
+        return
     cfg = current_app.config
+    task = sub.task
     try:
-        queues.queue(area).enqueue(
-            func,
+        queues.queue().enqueue(
+            sub.func,
             task.id,
-            *args,
-            **(kwargs or {}),
+            *sub.args,
+            **sub.kwargs,
             job_id=task.job_id,
-            job_timeout=timeout or cfg["TASK_TIMEOUT_SECONDS"],
+            job_timeout=sub.timeout or cfg["TASK_TIMEOUT_SECONDS"],
             result_ttl=cfg["TASK_RESULT_TTL_SECONDS"],
             failure_ttl=cfg["TASK_FAILURE_TTL_SECONDS"],
-            retry=Retry(max=retries, interval=retry_interval) if retries else None,
-            depends_on=depends_on,
-            description=f"{kind}: {title}",
+            retry=Retry(max=sub.retries, interval=sub.retry_interval) if sub.retries else None,
+            description=f"{task.kind}: {task.title}",
         )
     except redis.RedisError as exc:
         finish(task, TaskState.FAILED, error=f"The task queue is unavailable ({exc}); nothing was started.")
-        db.session.commit()
-        raise QueueUnavailable(str(exc)) from exc
-    return Submitted(task, True)
+        consequence = _abandoned(task)
+        raise QueueUnavailable(" ".join(filter(None, [
+            "The task queue is not answering; nothing was started.", consequence]))) from exc
 
 
 def _active_with_key(key: str) -> Task | None:
@@ -179,16 +201,35 @@ def reconcile(task: Task, *, grace: timedelta = timedelta(seconds=30)) -> bool:
         return False
     if status in _DEAD_JOB_STATES or (status is None and utcnow() - task.created_at > grace):
         finish(task, TaskState.FAILED, error="The worker running this task stopped before it finished.")
-        _abandoned(task)
+        consequence = _abandoned(task)
+        if consequence:
+            append_log(task, consequence)
         return True
     return False
 
 
-def _abandoned(task: Task) -> None:
-    """What a task that died leaves behind: a VM it was creating is partially created."""
+def _abandoned(task: Task) -> str | None:
+    """What a task that never ran or died leaves behind, said in a sentence.
+
+    A VM it was creating is partially created (its page offers Delete). A VM
+    it was moving stays marked migrating until the next server poll finds where
+    libvirt runs it (:func:`portal.monitoring.settle_moves`). Flushes.
+    """
+    from .moves import TASK_KINDS
+
+    if task.kind in TASK_KINDS.values() and task.target_type == "vm":
+        from .models import VM, VMState
+
+        vm = db.session.get(VM, task.target_id)
+        if vm is not None and vm.state == VMState.MIGRATING.value:
+            return (f"{vm.name}'s move was interrupted: it stays marked migrating until the next server poll "
+                    "finds where libvirt runs it and removes what the move left on the other server.")
     if task.kind == "vm-create" and task.target_type == "vm":
         from .models import VM, VMState
 
         vm = db.session.get(VM, task.target_id)
         if vm is not None and vm.state == VMState.CREATING.value:
             vm.state = VMState.PARTIAL.value
+            db.session.flush()
+            return f"{vm.name} is recorded as partially created; delete it to remove it."
+    return None

@@ -11,13 +11,14 @@ from __future__ import annotations
 import posixpath
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import func
 
-from . import actionlog, macs, quotas
+from . import actionlog, license_keys, macs, quotas
 from .extensions import db
-from .models import NIC, VM, Appliance, Server, ServerDisk, ServerStatus, User, VirtualDisk, VMState
+from .models import NIC, VM, Appliance, ApplianceState, Role, Server, ServerDisk, ServerStatus, User, VirtualDisk, VMState
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,7}$")
 GIB = 1024 ** 3
@@ -47,9 +48,10 @@ class Placement:
     reason: str
 
 
-def place(memory_mb: int, disk_gb: int, *, server_id: int | None = None, disk_id: int | None = None) -> Placement:
+def place(memory_mb: int, disk_gb: int, *, server_id: int | None = None, disk_id: int | None = None,
+          eligible: Callable[[Server], bool] | None = None) -> Placement:
     """Pick a server and VM disk: the chosen ones, or enough free memory and the
-    disk with the most free space and fewest VMs."""
+    disk with the most free space and fewest VMs (among servers *eligible* says carry the VM's networks)."""
     if disk_id is not None:
         disk = db.session.get(ServerDisk, disk_id)
         if disk is None or (server_id is not None and disk.server_id != server_id):
@@ -68,6 +70,8 @@ def place(memory_mb: int, disk_gb: int, *, server_id: int | None = None, disk_id
         db.select(VM.disk_id, func.count()).where(VM.disk_id.is_not(None)).group_by(VM.disk_id)).all())
     candidates = []
     for s in servers:
+        if eligible is not None and not eligible(s):
+            continue
         free_mem = s.free_memory_mb if s.free_memory_mb is not None else s.memory_mb
         if free_mem < memory_mb:
             continue
@@ -76,7 +80,9 @@ def place(memory_mb: int, disk_gb: int, *, server_id: int | None = None, disk_id
             if free >= disk_gb:
                 candidates.append((free, -vm_counts.get(d.id, 0), -s.id, s, d, free_mem))
     if not candidates:
-        raise VMError(f"No server that is up has {memory_mb} MB of free memory and {disk_gb} GB free on a VM disk.")
+        lacking = [s.hostname for s in servers if eligible is not None and not eligible(s)]
+        raise VMError(f"No server that is up has {memory_mb} MB of free memory and {disk_gb} GB free on a VM disk"
+                      + (f" ({', '.join(lacking)} lack the VM's networks)." if lacking else "."))
     candidates.sort(key=lambda c: c[:3], reverse=True)
     free, neg_count, _, server, disk, free_mem = candidates[0]
     reason = (f"{server.hostname}:{disk.mountpoint} has the most free space ({free} GB, {-neg_count} VM(s)) "
@@ -100,31 +106,77 @@ def serial_log_path(vm: VM) -> str:
     return f"/var/log/libvirt/qemu/{vm.name}.serial.log"
 
 
-def record_new_vm(*, owner: User, name: str, appliance: Appliance, memory_mb: int, vcpus: int,
-                  placement: Placement, clone: bool, usb_tablet: bool, mac: str | None) -> VM:
-    """Reserve quota and add the VM row (creating), its disks and its NIC."""
-    if appliance.state != "ready" or not appliance.disks:
-        raise VMError(f"The appliance {appliance.name} is not ready.")
-    if not appliance.min_memory_mb <= memory_mb <= appliance.max_memory_mb:
-        raise VMError(f"{appliance.name} needs between {appliance.min_memory_mb} and {appliance.max_memory_mb} MB "
-                      f"of memory.")
-    disk_gb = sum(max(1, -(-(d.virtual_size_bytes or 0) // GIB)) for d in appliance.disks)
-    quotas.reserve(owner.id, vms=1, memory_mb=memory_mb, disk_gb=disk_gb)
+def check_fits(server: Server, disk: ServerDisk | None, *, memory_mb: int, new_disk_gb: int) -> None:
+    """What a server can hold bounds every size a form accepts (create, blank create, settings).
+
+    A VM's memory is at most the server's memory; new disk space (a new VM's
+    disks, or what a resize adds) at most what the VM disk has free (its size
+    until the first poll measured it). Quotas bound a power user's total; this
+    bounds everyone's single request, managers' included.
+    """
+    if server.memory_mb <= 0:
+        raise VMError(f"The memory of {server.hostname} is not known yet; wait for its first poll.")
+    if memory_mb > server.memory_mb:
+        raise VMError(f"{memory_mb} MB of memory do not fit on {server.hostname}: it has {server.memory_mb} MB "
+                      f"in all.")
+    if disk is None or new_disk_gb <= 0:
+        return
+    free = disk.free_gb if disk.free_gb is not None else disk.size_gb
+    if new_disk_gb > free:
+        raise VMError(f"{new_disk_gb} GB of new disk do not fit on {server.hostname}:{disk.mountpoint}: it has "
+                      f"{free} GB free.")
+
+
+def appliance_disk_sizes(appliance: Appliance) -> list[int]:
+    """Each appliance disk's virtual size in whole GB (at least 1): what a VM made from it holds."""
+    return [max(1, -(-(d.virtual_size_bytes or 0) // GIB)) for d in appliance.disks]
+
+
+@dataclass(frozen=True)
+class NewDisk:
+    position: int
+    size_gb: int
+    bus: str = "virtio"
+
+
+def _record_vm(*, owner: User, name: str, memory_mb: int, vcpus: int, placement: Placement, disks: list[NewDisk],
+               usb_tablet: bool, mac: str | None, detail: str, **fields) -> VM:
+    """The part every create shares: bounds, quota, name, MAC, the rows and the action log."""
+    quotas.reserve(owner.id, vms=1, memory_mb=memory_mb, disk_gb=sum(d.size_gb for d in disks))
+    check_fits(placement.server, placement.disk, memory_mb=memory_mb, new_disk_gb=sum(d.size_gb for d in disks))
     name = check_name(name)
     if mac:
         mac = macs.check_custom(mac)
     vm = VM(vmid=next_vmid(), name=name, owner_id=owner.id, memory_mb=memory_mb, vcpus=vcpus,
-            server_id=placement.server.id, disk_id=placement.disk.id, is_clone=clone, usb_tablet=usb_tablet,
-            appliance_id=appliance.id, state=VMState.CREATING.value)
+            server_id=placement.server.id, disk_id=placement.disk.id, usb_tablet=usb_tablet,
+            state=VMState.CREATING.value, **fields)
     db.session.add(vm)
     db.session.flush()
-    for d in appliance.disks:
-        db.session.add(VirtualDisk(vm_id=vm.id, position=d.position, size_gb=max(1, -(-(d.virtual_size_bytes or 0) // GIB)),
-                                   bus="virtio", format="qcow2"))
+    for d in disks:
+        db.session.add(VirtualDisk(vm_id=vm.id, position=d.position, size_gb=d.size_gb, bus=d.bus, format="qcow2"))
     db.session.add(NIC(vm_id=vm.id, position=0, mac=mac or macs.generated(vm.vmid, 0)))
     db.session.flush()
-    actionlog.record("vm-created", target=vm, detail=f"from {appliance.name} on {placement.server.hostname}"
-                     f"{' (clone)' if clone else ''}: {placement.reason}")
+    actionlog.record("vm-created", target=vm, detail=detail)
+    return vm
+
+
+def record_new_vm(*, owner: User, name: str, appliance: Appliance, memory_mb: int, vcpus: int,
+                  placement: Placement, clone: bool, usb_tablet: bool, mac: str | None) -> VM:
+    """Reserve quota and add the VM row (creating), its disks and its NIC."""
+    if appliance.state != ApplianceState.READY.value or not appliance.disks:
+        raise VMError(f"The appliance {appliance.name} is not ready.")
+    if not appliance.min_memory_mb <= memory_mb <= appliance.max_memory_mb:
+        raise VMError(f"{appliance.name} needs between {appliance.min_memory_mb} and {appliance.max_memory_mb} MB "
+                      f"of memory.")
+    disks = [NewDisk(d.position, size) for d, size in zip(appliance.disks, appliance_disk_sizes(appliance))]
+    vm = _record_vm(owner=owner, name=name, memory_mb=memory_mb, vcpus=vcpus, placement=placement, disks=disks,
+                    usb_tablet=usb_tablet, mac=mac, is_clone=clone, appliance_id=appliance.id,
+                    detail=f"from {appliance.name} on {placement.server.hostname}"
+                           f"{' (clone)' if clone else ''}: {placement.reason}")
+    try:
+        license_keys.assign(vm, appliance)
+    except license_keys.LicenseKeyError as exc:
+        raise VMError(str(exc)) from None
     return vm
 
 
@@ -167,7 +219,7 @@ def change_owner(vm: VM, new_owner: User) -> None:
         raise VMError(f"{new_owner.username} owns {vm.name} already.")
     if new_owner.disabled:
         raise VMError(f"{new_owner.username} is disabled.")
-    if new_owner.role == "power":
+    if new_owner.role == Role.POWER.value:
         quotas.reserve(new_owner.id, vms=1, memory_mb=vm.memory_mb, disk_gb=vm.disk_gb)
     old = vm.owner.username
     vm.owner_id = new_owner.id
@@ -175,8 +227,42 @@ def change_owner(vm: VM, new_owner: User) -> None:
     db.session.flush()
 
 
+DELETABLE = (VMState.OFF.value, VMState.PARTIAL.value, VMState.SAVED.value, VMState.CRASHED.value)
+
+
+def check_delete(vm: VM) -> None:
+    """A VM is deleted while nothing runs in it (off, saved, crashed, or partially created)."""
+    if vm.state not in DELETABLE:
+        raise VMError(f"Power {vm.name} off before deleting it (it is {vm.state_enum.label}).")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What settings change on a VM: memory, vCPUs and each disk's size."""
+
+    memory_mb: int
+    vcpus: int
+    disk_gb: tuple[int, ...]
+
+    @classmethod
+    def of(cls, vm: VM) -> Sizes:
+        return cls(vm.memory_mb, vm.vcpus, tuple(d.size_gb for d in vm.vdisks))
+
+    def apply(self, vm: VM) -> None:
+        """Record these sizes on the VM (flushes; the settings job makes the server match)."""
+        vm.memory_mb, vm.vcpus = self.memory_mb, self.vcpus
+        for d, size in zip(vm.vdisks, self.disk_gb):
+            d.size_gb = size
+        db.session.flush()
+
+    def describe_change(self, new: Sizes) -> str:
+        return (f"memory {self.memory_mb} -> {new.memory_mb} MB, vCPUs {self.vcpus} -> {new.vcpus}, "
+                f"disks {list(self.disk_gb)} -> {list(new.disk_gb)} GB")
+
+
 def check_settings(vm: VM, *, memory_mb: int, vcpus: int, disk_sizes: list[int]) -> None:
-    """Settings change only while the VM is off, within the appliance's range and the owner's quota."""
+    """Settings change only while the VM is off, within the appliance's range, the owner's quota and
+    what the VM's server can hold (who may change them at all is :func:`permissions.can_change_settings`)."""
     if vm.state != VMState.OFF.value:
         raise VMError(f"Change settings while {vm.name} is off (it is {vm.state_enum.label}).")
     if vm.appliance and not vm.appliance.min_memory_mb <= memory_mb <= vm.appliance.max_memory_mb:
@@ -185,14 +271,29 @@ def check_settings(vm: VM, *, memory_mb: int, vcpus: int, disk_sizes: list[int])
     current = [d.size_gb for d in vm.vdisks]
     if len(disk_sizes) != len(current) or any(new < old for new, old in zip(disk_sizes, current)):
         raise VMError("Disks can only grow (shrinking would destroy data).")
+    if any(new > MAX_DISK_GB for new in disk_sizes):
+        raise VMError(f"Each disk needs a size between 1 and {MAX_DISK_GB} GB.")
+    extra_disk = sum(disk_sizes) - sum(current)
     owner = vm.owner
-    if owner.role == "power":
-        extra_mem = max(0, memory_mb - vm.memory_mb)
-        extra_disk = sum(disk_sizes) - sum(current)
-        quotas.reserve(owner.id, vms=0, memory_mb=extra_mem, disk_gb=extra_disk)
+    if owner.role == Role.POWER.value:
+        quotas.reserve(owner.id, vms=0, memory_mb=max(0, memory_mb - vm.memory_mb), disk_gb=extra_disk)
+    if vm.server is None:
+        raise VMError(f"{vm.name} has no server; its settings cannot change.")
+    check_fits(vm.server, vm.disk, memory_mb=memory_mb, new_disk_gb=extra_disk)
+
+
+def change_settings(vm: VM, new: Sizes) -> Sizes:
+    """Check and record new sizes (the settings job makes the server match); returns the old ones so
+    that a task that cannot start can put them back. Flushes."""
+    check_settings(vm, memory_mb=new.memory_mb, vcpus=new.vcpus, disk_sizes=list(new.disk_gb))
+    old = Sizes.of(vm)
+    new.apply(vm)
+    actionlog.record("vm-settings-changed", target=vm, detail=old.describe_change(new))
+    return old
 
 
 MAX_BLANK_DISKS = 3
+MAX_DISK_GB = 16384  # per disk, whatever the server: beyond it is a typing error
 
 
 def iso_path(disk: ServerDisk, iso) -> str:
@@ -206,23 +307,12 @@ def record_new_blank_vm(*, owner: User, name: str, iso, memory_mb: int, vcpus: i
     if not 1 <= len(disks) <= MAX_BLANK_DISKS:
         raise VMError(f"A blank VM has one to {MAX_BLANK_DISKS} disks.")
     for size, bus in disks:
-        if size < 1 or size > 16384:
-            raise VMError("Each disk needs a size between 1 and 16384 GB.")
+        if size < 1 or size > MAX_DISK_GB:
+            raise VMError(f"Each disk needs a size between 1 and {MAX_DISK_GB} GB.")
         if bus not in ("ide", "scsi", "virtio"):
             raise VMError(f"Unknown disk bus {bus!r}.")
-    quotas.reserve(owner.id, vms=1, memory_mb=memory_mb, disk_gb=sum(size for size, _ in disks))
-    name = check_name(name)
-    if mac:
-        mac = macs.check_custom(mac)
-    vm = VM(vmid=next_vmid(), name=name, owner_id=owner.id, memory_mb=memory_mb, vcpus=vcpus,
-            server_id=placement.server.id, disk_id=placement.disk.id, usb_tablet=usb_tablet, iso_id=iso.id,
-            state=VMState.CREATING.value)
-    db.session.add(vm)
-    db.session.flush()
-    for position, (size, bus) in enumerate(disks):
-        db.session.add(VirtualDisk(vm_id=vm.id, position=position, size_gb=size, bus=bus, format="qcow2"))
-    db.session.add(NIC(vm_id=vm.id, position=0, mac=mac or macs.generated(vm.vmid, 0)))
-    db.session.flush()
-    actionlog.record("vm-created", target=vm, detail=f"blank, booting {iso.name}, disks "
-                     f"{', '.join(f'{s} GB {b}' for s, b in disks)} on {placement.server.hostname}")
-    return vm
+    return _record_vm(owner=owner, name=name, memory_mb=memory_mb, vcpus=vcpus, placement=placement,
+                      disks=[NewDisk(position, size, bus) for position, (size, bus) in enumerate(disks)],
+                      usb_tablet=usb_tablet, mac=mac, iso_id=iso.id,
+                      detail=f"blank, booting {iso.name}, disks {', '.join(f'{s} GB {b}' for s, b in disks)} "
+                             f"on {placement.server.hostname}")

@@ -7,8 +7,10 @@ with ``CORRAL_TEST_DATABASE_URL`` set to a PostgreSQL server, its own schema).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -18,6 +20,9 @@ import time
 
 import pytest
 import redis as redis_lib
+from flask.testing import FlaskClient
+from itsdangerous import URLSafeTimedSerializer
+from werkzeug.datastructures import Headers
 
 from portal import create_app
 from tests.bed.fixtures import appliance_image, appliance_iso, bed, bed_servers, domain_type  # noqa: F401
@@ -101,10 +106,32 @@ def app_env(tmp_path, redis_server, monkeypatch, request) -> dict[str, str]:
     return env
 
 
+class CsrfClient(FlaskClient):
+    """A test client that, when the app says ``TEST_CLIENT_SENDS_CSRF``, sends the
+    session's CSRF token with every unsafe request (as the pages' htmx header
+    does). CSRF protection itself stays on: tests never switch it off."""
+
+    def open(self, *args, **kwargs):
+        method = str(kwargs.get("method", "GET")).upper()
+        if self.application.config.get("TEST_CLIENT_SENDS_CSRF") and method not in ("GET", "HEAD", "OPTIONS"):
+            headers = Headers(kwargs.get("headers") or {})
+            if "X-CSRFToken" not in headers:
+                headers["X-CSRFToken"] = self._csrf_token()
+            kwargs["headers"] = headers
+        return super().open(*args, **kwargs)
+
+    def _csrf_token(self) -> str:
+        # What flask_wtf.csrf.generate_csrf does: a raw token in the session, signed in the form.
+        with self.session_transaction() as sess:
+            raw = sess.setdefault("csrf_token", hashlib.sha1(os.urandom(64)).hexdigest())
+        return URLSafeTimedSerializer(self.application.secret_key, salt="wtf-csrf-token").dumps(raw)
+
+
 @pytest.fixture
 def app(app_env, redis_server):
     """An application on a fresh, migrated database and a private Redis key prefix."""
     app = create_app({"TESTING": True})
+    app.test_client_class = CsrfClient
     with app.app_context():
         from flask_migrate import upgrade
 
@@ -216,6 +243,29 @@ def make_vm(owner: User, name: str | None = None, *, server: Server | None = Non
     return vm
 
 
+def csrf_token(client, url: str) -> str:
+    """The CSRF token a page at ``url`` hands its forms (CSRF stays on)."""
+    html = client.get(url).get_data(as_text=True)
+    m = re.search(r'name="csrf_token"[^>]*value="([^"]+)"', html)
+    assert m, f"no CSRF token on {url}"
+    return m.group(1)
+
+
+def log_in_client(client, username: str, password: str = PASSWORD):
+    """Log a test client in through the form, CSRF token and all."""
+    return client.post("/login", data={"username": username, "password": password,
+                                       "csrf_token": csrf_token(client, "/login")})
+
+
+def start_task(sub):
+    """What a view does after ``tasks.submit``: commit once, then enqueue (returns ``sub``)."""
+    from portal import tasks
+
+    db.session.commit()
+    tasks.enqueue(sub)
+    return sub
+
+
 def make_task(requester: User | None, *, title: str = "a task", target=None, state: str = "succeeded") -> Task:
     task = Task(kind="test", title=title, requester_id=requester.id if requester else None, state=state,
                 target_type=type(target).__name__.lower() if target else None,
@@ -223,6 +273,24 @@ def make_task(requester: User | None, *, title: str = "a task", target=None, sta
     db.session.add(task)
     db.session.commit()
     return task
+
+
+@pytest.fixture
+def browser():
+    """A headless Debian Chromium through Playwright (skips where it is not installed)."""
+    from tests.browser_util import CHROMIUM, CHROMIUM_ARGS, DEFAULT_TIMEOUT_MS
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium); the browser tests drive it")
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=DEFAULT_TIMEOUT_MS)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 class AuthActions:
@@ -238,8 +306,8 @@ class AuthActions:
 
 @pytest.fixture
 def manager(app, client):
-    """The test client logged in as a manager ("boss"), CSRF checks off."""
-    app.config["WTF_CSRF_ENABLED"] = False
+    """The test client logged in as a manager ("boss"), sending CSRF tokens."""
+    app.config["TEST_CLIENT_SENDS_CSRF"] = True
     with app.app_context():
         make_user("boss", Role.MANAGER)
     client.post("/login", data={"username": "boss", "password": PASSWORD})
@@ -277,3 +345,41 @@ def register_bed_server(app, bs, *, disks: tuple[str, ...] | None = None) -> int
         db.session.commit()
         servers.write_known_hosts()
         return server.id
+
+
+@pytest.fixture
+def console_follower(app):
+    """The serial-console follower that ``corral monitor`` runs, in this process (0.5 s ticks)."""
+    from portal.consoles import ConsoleFollower
+
+    follower = ConsoleFollower(app, tick=0.5).start()
+    yield follower
+    follower.close()
+
+
+@pytest.fixture
+def bed_portal(app, client, bed_servers, appliance_image):
+    """The first two bed servers registered in Corral, the test appliance in its library and the
+    client logged in as power user ``pow``: ``{"servers": [id, id], "disks": {server id: disk id},
+    "appliance": id}``. Afterwards every ``t-*`` domain and Corral's folders go from both servers."""
+    from portal import library
+
+    app.config.update(TEST_CLIENT_SENDS_CSRF=True, APPLIANCE_CACHE=str(appliance_image.parent))
+    sids = [register_bed_server(app, bs) for bs in bed_servers[:2]]
+    with app.app_context():
+        make_user("pow", Role.POWER, max_vms=5, max_memory_mb=2048, max_disk_gb=50)
+        appliance_id = library.ensure_test_appliance().id
+        db.session.commit()
+        disks = {s: db.session.execute(db.select(ServerDisk.id).where(ServerDisk.server_id == s)).scalar_one()
+                 for s in sids}
+    log_in_client(client, "pow")
+    yield {"servers": sids, "disks": disks, "appliance": appliance_id}
+    for bs in bed_servers[:2]:
+        names = subprocess.run(["virsh", "-c", bs.uri_tcp, "list", "--all", "--name"], capture_output=True,
+                               text=True).stdout.split()
+        for name in names:
+            if name.startswith("t-"):
+                subprocess.run(["virsh", "-c", bs.uri_tcp, "destroy", name], capture_output=True)
+                subprocess.run(["virsh", "-c", bs.uri_tcp, "undefine", "--managed-save", name], capture_output=True)
+        subprocess.run(["rm", "-rf", str(bs.host_path(f"{bs.disk_dir}/corral-vms")),
+                        str(bs.host_path(f"{bs.disk_dir}/corral-bases"))])

@@ -27,7 +27,7 @@ from portal.extensions import db
 from portal.models import ActionLog, Role, Task, User, utcnow
 
 from .browser_util import (
-    CHROMIUM, CHROMIUM_ARGS, DEFAULT_TIMEOUT_MS, MANAGER_MENU, NON_MANAGER_MENU, TASK_TIMEOUT_MS, log_in, menu_labels,
+    CHROMIUM, MANAGER_MENU, NON_MANAGER_MENU, TASK_TIMEOUT_MS, log_in, menu_labels,
     new_page, worker_paused,
 )
 from .conftest import PASSWORD, make_server, make_user, make_vm
@@ -36,12 +36,11 @@ if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium); the browser tests drive it",
                 allow_module_level=True)
 
-from playwright.sync_api import expect, sync_playwright  # noqa: E402
+from playwright.sync_api import expect  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 SEEDED_ROWS = 3000
-SCREENSHOT = "/tmp/corral-task-page.png"
 
 # JavaScript run on the task page: marks the document and the first-rendered
 # status panel, and records every distinct "<data-state> <pct>" the panel shows.
@@ -60,17 +59,6 @@ WATCH_STATUS_PANEL = """() => {
 }"""
 
 
-@pytest.fixture
-def browser():
-    expect.set_options(timeout=DEFAULT_TIMEOUT_MS)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
 def _seed_actionlog(app, user_id: int, n: int, *, action: str) -> None:
     start = utcnow() - timedelta(days=30)
     rows = [
@@ -83,7 +71,7 @@ def _seed_actionlog(app, user_id: int, n: int, *, action: str) -> None:
         db.session.commit()
 
 
-def test_manager_creates_power_user_who_exports_action_log(app, live_server, worker, browser):
+def test_manager_creates_power_user_who_exports_action_log(app, live_server, worker, browser, tmp_path):
     with app.app_context():
         boss_id = make_user("boss", Role.MANAGER).id
     _seed_actionlog(app, boss_id, 25, action="boss-only")  # must not be in the power user's export
@@ -186,7 +174,7 @@ def test_manager_creates_power_user_who_exports_action_log(app, live_server, wor
     pcts = [int(entry.split()[1]) for entry in seen]
     assert pcts == sorted(pcts), f"the progress bar went backwards: {seen}"
     assert status.get_attribute("hx-trigger") is None  # finished: polling stopped
-    page.screenshot(path=SCREENSHOT, full_page=True)
+    page.screenshot(path=tmp_path / "task-page.png", full_page=True)
 
     # The Download CSV link (swapped in by htmx) gives this user's rows, and only theirs.
     download_url = f"{live_server}/tasks/{task_id}/download"

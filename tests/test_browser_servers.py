@@ -10,13 +10,12 @@ from playwright.sync_api import expect  # noqa: E402
 from portal.extensions import db  # noqa: E402
 from portal.models import Role, Server  # noqa: E402
 from tests.browser_util import TASK_TIMEOUT_MS, log_in, new_page  # noqa: E402
-from tests.conftest import PASSWORD, make_user  # noqa: E402
-from tests.test_browser import browser  # noqa: E402,F401  (the fixture)
+from tests.conftest import PASSWORD, csrf_token, log_in_client, make_user, run_worker_burst  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.bed]
 
 
-def test_manager_adds_a_server_through_the_pages(app, live_server, worker, browser, bed_servers):  # noqa: F811
+def test_manager_adds_a_server_through_the_pages(app, live_server, worker, browser, bed_servers, tmp_path):
     bs = bed_servers[1]
     with app.app_context():
         make_user("boss", Role.MANAGER)
@@ -44,7 +43,7 @@ def test_manager_adds_a_server_through_the_pages(app, live_server, worker, brows
         row.get_by_role("link", name=bs.name).click()
         expect(page.get_by_test_id("domain-type")).to_contain_text("QEMU (TCG)")
         expect(page.locator("code", has_text=bs.host_key_fingerprint)).to_be_visible()
-        page.screenshot(path="/tmp/corral-server-page.png", full_page=True)
+        page.screenshot(path=tmp_path / "server-page.png", full_page=True)
         assert not problems.errors, problems.errors
     finally:
         context.close()
@@ -53,8 +52,8 @@ def test_manager_adds_a_server_through_the_pages(app, live_server, worker, brows
         assert [d.mountpoint for d in server.disks] == [bs.disk_dir]
 
 
-def test_power_user_creates_and_starts_a_vm_through_the_pages(app, live_server, worker, browser, bed_servers,  # noqa: F811
-                                                              appliance_image):
+def test_power_user_creates_and_starts_a_vm_through_the_pages(app, live_server, worker, console_follower, browser,
+                                                              bed_servers, appliance_image, tmp_path):
     from portal import library
     from tests.conftest import register_bed_server
 
@@ -82,7 +81,7 @@ def test_power_user_creates_and_starts_a_vm_through_the_pages(app, live_server, 
         expect(page.get_by_test_id("vm-state")).to_contain_text("running", timeout=TASK_TIMEOUT_MS)
         expect(page.get_by_test_id("console-log")).to_contain_text("CORRAL-HB", timeout=TASK_TIMEOUT_MS)
         assert page.evaluate("window.__corralMarker") == 1
-        page.screenshot(path="/tmp/corral-vm-page.png", full_page=True)
+        page.screenshot(path=tmp_path / "vm-page.png", full_page=True)
         page.get_by_role("button", name="Power off").click()
         expect(page.get_by_test_id("vm-state")).to_contain_text("off", timeout=TASK_TIMEOUT_MS)
         assert not problems.errors, problems.errors
@@ -95,9 +94,7 @@ def test_power_user_creates_and_starts_a_vm_through_the_pages(app, live_server, 
         vm_id = vm.id
     # Leave nothing on the server.
     client = app.test_client()
-    app.config["WTF_CSRF_ENABLED"] = False
-    client.post("/login", data={"username": "pia", "password": PASSWORD})
-    client.post(f"/vms/{vm_id}/delete")
-    from tests.conftest import run_worker_burst
+    log_in_client(client, "pia")
+    client.post(f"/vms/{vm_id}/delete", data={"csrf_token": csrf_token(client, f"/vms/{vm_id}")})
 
     run_worker_burst()

@@ -14,6 +14,7 @@ from werkzeug.test import encode_multipart
 
 from portal.extensions import db
 from portal.models import ActionLog, Appliance, IsoImage, Task
+from portal.shared import shared_dir
 from portal.vmm import appliance as builder
 from tests.bed import Bed
 from tests.conftest import make_user, run_worker_burst
@@ -47,9 +48,15 @@ def finished_task(app) -> Task:
         return task
 
 
+def shared_root(app) -> Path:
+    with app.app_context():
+        return shared_dir()
+
+
 def library_files(app) -> list[Path]:
-    root = Path(app.instance_path) / "library"
-    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+    """Every file left in the shared area (library, uploads, downloads, copy-back work folders)."""
+    root = shared_root(app)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != "catalog.json")
 
 
 def convert(image: Path, fmt: str, tmp_path: Path) -> bytes:
@@ -84,7 +91,7 @@ def test_upload_detects_format_by_content_and_converts(app, manager, image, tmp_
         assert disk.format == "qcow2" and disk.virtual_size_bytes == builder.DISK_SIZE and len(disk.sha256) == 64
         info = subprocess.run(["qemu-img", "info", disk.path], capture_output=True, text=True).stdout
         assert "file format: qcow2" in info
-    assert not list((Path(app.instance_path) / "library" / "uploads").iterdir())  # upload area emptied
+    assert not list((shared_root(app) / "uploads").iterdir())  # upload area emptied
 
 
 @pytest.mark.parametrize("filename, content, message", [
@@ -118,7 +125,9 @@ def test_upload_form_rejects_bad_input_without_a_task(app, manager, image):
     good = [("d.qcow2", b"x")]
     cases = [
         ("", good, {}, "This field is required"),
-        ("a/b", good, {}, "Letters, digits"),
+        ("a/b", good, {}, "A name has 2 to 64 letters"),
+        ("');alert(1);('", good, {}, "A name has 2 to 64 letters"),
+        ("<img src=x onerror=alert(1)>", good, {}, "A name has 2 to 64 letters"),
         ("ok-name", [], {}, "Choose one to four disk image files"),
         ("ok-name", good * 5, {}, "Choose one to four disk image files"),
         ("ok-name", good, {"min_memory_mb": 2048, "max_memory_mb": 1024}, "minimum memory is above the maximum"),
@@ -171,7 +180,7 @@ OVF = """<?xml version="1.0" encoding="UTF-8"?>
   <References><File ovf:id="file1" ovf:href="{href}"/></References>
   <DiskSection><Info>Disks</Info><Disk ovf:diskId="vmdisk1" ovf:fileRef="file1" ovf:capacity="33554432"/></DiskSection>
   <VirtualSystem ovf:id="tinyvm">
-    <Info>A tiny VM</Info><Name>tiny-ova</Name>
+    <Info>A tiny VM</Info><Name>{name}</Name>
     <VirtualHardwareSection><Info>Hardware</Info>
       <Item><rasd:ElementName>2 CPUs</rasd:ElementName><rasd:InstanceID>1</rasd:InstanceID>
         <rasd:ResourceType>3</rasd:ResourceType><rasd:VirtualQuantity>2</rasd:VirtualQuantity></Item>
@@ -187,21 +196,23 @@ OVF = """<?xml version="1.0" encoding="UTF-8"?>
 
 
 def make_ova(image: Path, tmp_path: Path, *, href="tiny-disk1.vmdk", manifest=True, corrupt_manifest=False,
-             include_ovf=True) -> bytes:
+             include_ovf=True, ovf_name="tiny-ova", ovf_text: str | None = None, extra_manifest=()) -> bytes:
     import hashlib
     import tarfile
+    from xml.sax.saxutils import escape
 
     work = tmp_path / "ova-src"
     work.mkdir()
     subprocess.run(["qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", str(image),
                     str(work / "tiny-disk1.vmdk")], check=True)
-    (work / "tiny.ovf").write_text(OVF.format(href=href))
+    (work / "tiny.ovf").write_text(ovf_text or OVF.format(href=href, name=escape(ovf_name)))
     members = ["tiny.ovf", "tiny-disk1.vmdk"] if include_ovf else ["tiny-disk1.vmdk"]
     if manifest:
         lines = []
         for m in members:
             digest = hashlib.sha256((work / m).read_bytes()).hexdigest()
             lines.append(f"SHA256({m})= {'0' * 64 if corrupt_manifest else digest}")
+        lines.extend(extra_manifest)
         (work / "tiny.mf").write_text("\n".join(lines) + "\n")
         members.append("tiny.mf")
     out = tmp_path / "tiny.ova"
@@ -222,7 +233,7 @@ def test_ova_import_reads_the_envelope_and_converts_disks(app, manager, image, t
         row = db.session.execute(db.select(Appliance).where(Appliance.name == "tiny-ova")).scalar_one()
         assert (row.min_memory_mb, row.vcpus, row.source, row.state) == (512, 2, "ova", "ready")
         assert row.disks[0].format == "qcow2" and row.disks[0].virtual_size_bytes == builder.DISK_SIZE
-    assert not list((Path(app.instance_path) / "library" / "uploads").iterdir())
+    assert not list((shared_root(app) / "uploads").iterdir())
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -248,3 +259,129 @@ def test_not_a_tar_is_rejected(app, manager):
     run_worker_burst()
     assert "is not an OVA (tar) archive" in finished_task(app).error
     assert library_files(app) == []
+
+
+def import_ova(app, manager, ova: bytes, name: str = "") -> Task:
+    r = post_multipart(manager, "/library/appliances/import-ova", {"name": name}, [("ova", "x.ova", ova)])
+    assert r.status_code == 302
+    run_worker_burst()
+    return finished_task(app)
+
+
+def appliance_names(app) -> list[str]:
+    with app.app_context():
+        return list(db.session.execute(db.select(Appliance.name)).scalars())
+
+
+@pytest.mark.parametrize("ovf_name, expected", [("');alert(1);('", "alert-1"),
+                                                ("<img src=x onerror=alert(1)>", "img src-x onerror-alert-1")])
+def test_an_ova_own_name_follows_the_name_rule(app, manager, image, tmp_path, ovf_name, expected):
+    task = import_ova(app, manager, make_ova(image, tmp_path, ovf_name=ovf_name))
+    assert task.state == "succeeded", task.log
+    assert appliance_names(app) == [expected]  # made into a valid name, deterministically
+
+
+def test_an_ova_name_that_cannot_be_used_is_refused(app, manager, image, tmp_path):
+    task = import_ova(app, manager, make_ova(image, tmp_path, ovf_name="<<!>>"))
+    assert task.state == "failed" and "give the appliance a name" in task.error, task.error
+    assert appliance_names(app) == [] and library_files(app) == []
+
+
+BILLION_LAUGHS = """<?xml version="1.0"?>
+<!DOCTYPE Envelope [
+  <!ENTITY a "ha"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;"><!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">
+  <!ENTITY d "&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;"><!ENTITY e "&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;">
+  <!ENTITY f "&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;"><!ENTITY g "&f;&f;&f;&f;&f;&f;&f;&f;&f;&f;">
+]>
+"""
+EXTERNAL_ENTITY = """<?xml version="1.0"?>
+<!DOCTYPE Envelope [<!ENTITY host SYSTEM "file:///etc/hostname">]>
+"""
+
+
+@pytest.mark.parametrize("prolog, entity", [(BILLION_LAUGHS, "&g;"), (EXTERNAL_ENTITY, "&host;")],
+                         ids=["billion-laughs", "external-entity"])
+def test_hostile_ovf_xml_is_refused_and_leaves_nothing(app, manager, image, tmp_path, prolog, entity):
+    body = OVF.format(href="tiny-disk1.vmdk", name=entity).split("?>", 1)[1]
+    task = import_ova(app, manager, make_ova(image, tmp_path, ovf_text=prolog + body))
+    assert task.state == "failed" and "declares a DTD or XML entities" in task.error, task.error
+    assert appliance_names(app) == [] and library_files(app) == []
+
+
+@pytest.mark.parametrize("line", [
+    "SHA256(../../etc/passwd)= " + "0" * 64,
+    "SHA256(/etc/hostname)= {hostname}",  # the right digest: before, this read a file outside the OVA
+])
+def test_manifest_names_outside_the_package_are_refused(app, manager, image, tmp_path, line):
+    import hashlib
+
+    line = line.format(hostname=hashlib.sha256(Path("/etc/hostname").read_bytes()).hexdigest())
+    name = line[len("SHA256("):line.index(")=")]
+    task = import_ova(app, manager, make_ova(image, tmp_path, extra_manifest=[line]), name="x-ova")
+    assert task.state == "failed", task.log
+    assert f"The manifest names {name}, which is not in the archive" in task.error, task.error
+    assert appliance_names(app) == [] and library_files(app) == []
+
+
+def test_add_appliance_flushes_and_a_failure_after_the_flush_leaves_nothing(app, image, tmp_path):
+    import shutil
+
+    from portal import library
+
+    fields = dict(description=None, min_memory_mb=128, max_memory_mb=1024, vcpus=1, source="upload", user_id=None,
+                  detail="test")
+    with app.app_context():
+        disk = tmp_path / "good.qcow2"
+        shutil.copyfile(image, disk)
+        row = library.add_appliance([disk], name="flushed", **fields)
+        assert row.id is not None and row.state == "ready" and row.disks[0].format == "qcow2"
+        db.session.rollback()  # the edge decides: nothing was committed
+        assert not library.appliance_exists("flushed")
+        library.remove_appliance_files(row.id)
+
+        shutil.copyfile(image, disk)
+        raw = tmp_path / "raw.img"
+        raw.write_bytes(b"\0" * (1 << 20))
+        with pytest.raises(library.LibraryError, match="expected qcow2"):
+            library.add_appliance([disk, raw], name="half", **fields)  # fails after flushing the row and disk 0
+        db.session.rollback()
+        assert db.session.execute(db.select(db.func.count(Appliance.id))).scalar_one() == 0
+    assert library_files(app) == []
+
+
+def test_uploads_and_the_library_live_under_the_shared_path(app, manager, image, tmp_path, monkeypatch):
+    shared = tmp_path / "nfs"
+    monkeypatch.setenv("CORRAL_SHARED_PATH", str(shared))  # the worker, another process, reads it too
+    app.config["SHARED_PATH"] = str(shared)
+    assert upload(manager, "on-nfs", [("d.qcow2", image.read_bytes())]).status_code == 302
+    run_worker_burst()
+    assert finished_task(app).state == "succeeded", finished_task(app).log
+    with app.app_context():
+        row = db.session.execute(db.select(Appliance).where(Appliance.name == "on-nfs")).scalar_one()
+        assert Path(row.disks[0].path).is_relative_to(shared / "library")
+    assert not (Path(app.instance_path) / "library").exists()
+    assert not list((shared / "uploads").iterdir())
+
+
+@pytest.mark.parametrize("name, message", [("');alert(1);('", "A name has 2 to 64 letters"),
+                                           ("taken", "An appliance called taken exists already")])
+def test_copy_back_job_applies_the_name_rule(app, image, tmp_path, name, message):
+    import shutil
+
+    from portal import library, tasks
+    from portal.jobs.library import copy_back
+    from tests.conftest import make_vm, start_task
+
+    with app.app_context():
+        disk = tmp_path / "taken.qcow2"
+        shutil.copyfile(image, disk)
+        library.add_appliance([disk], name="taken", description=None, min_memory_mb=128, max_memory_mb=1024,
+                              vcpus=1, source="upload", user_id=None, detail="test")
+        user = make_user("boss", "manager")
+        vm = make_vm(user, "src")
+        start_task(tasks.submit("vm-copy-back", copy_back, title="copy back", requester_id=user.id, key=None,
+                                args=(vm.id, name, user.id)))
+    run_worker_burst()
+    task = finished_task(app)
+    assert task.state == "failed" and message in task.error, task.error
+    assert appliance_names(app) == ["taken"]

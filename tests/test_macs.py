@@ -39,3 +39,20 @@ def test_custom_mac_must_be_unused(app):
         with pytest.raises(macs.MacError, match="already used"):
             macs.check_custom(used.upper().replace(":", "-"))
         assert macs.check_custom("02:AA:bb:cc:dd:ee") == "02:aa:bb:cc:dd:ee"
+
+
+def test_rocks_prefix_rule_and_counter():
+    from portal.macs import MacError, normalise, rocks_macs, rocks_prefix
+
+    assert rocks_prefix("137.110.119.118") == (0x76, 0x77, 0x6E)  # the seed's worked example
+    assert rocks_prefix("10.0.0.1") == (0x02, 0, 0)  # local bit set
+    assert rocks_prefix("10.0.0.3")[0] == 0x02  # multicast bit cleared, local bit set
+    assert rocks_macs("137.110.119.118", 2) == ["76:77:6e:80:00:00", "76:77:6e:80:00:01"]
+    taken = {"76:77:6e:80:00:00", "76:77:6e:80:00:02"}
+    assert rocks_macs("137.110.119.118", 2, taken) == ["76:77:6e:80:00:01", "76:77:6e:80:00:03"]
+    for mac in rocks_macs("1.2.3.4", 3):
+        assert normalise(mac) == mac  # unicast, well formed
+    with pytest.raises(MacError, match="generated"):
+        rocks_prefix("1.1.192.2")  # would give 02:c0, Corral's generated range
+    with pytest.raises(MacError, match="not an IPv4"):
+        rocks_prefix("137.110.119")

@@ -7,88 +7,20 @@ import time
 
 import pytest
 
-from portal import library
 from portal.extensions import db
-from portal.models import VM, Appliance, Role, ServerDisk, Task
-from tests.conftest import PASSWORD, make_user, register_bed_server, run_worker_burst
+from portal.models import VM, Appliance, Role, Task
+from tests.conftest import PASSWORD, make_user, run_worker_burst
+from tests.vm_util import act, create, domstate, last_task, vm_row, wait_serial
 
 pytestmark = pytest.mark.bed
 
 
 @pytest.fixture
-def setup(app, client, bed_servers, appliance_image):
-    app.config.update(WTF_CSRF_ENABLED=False, APPLIANCE_CACHE=str(appliance_image.parent))
-    sids = [register_bed_server(app, bs) for bs in bed_servers[:2]]
-    with app.app_context():
-        make_user("pow", Role.POWER, max_vms=5, max_memory_mb=2048, max_disk_gb=50)
-        appliance_id = library.ensure_test_appliance().id
-        db.session.commit()
-        disks = {s: db.session.execute(db.select(ServerDisk.id).where(ServerDisk.server_id == s)).scalar_one()
-                 for s in sids}
-    assert client.post("/login", data={"username": "pow", "password": PASSWORD}).status_code == 302
-    yield {"servers": sids, "disks": disks, "appliance": appliance_id}
-    # Whatever a failed test left behind on the servers.
-    for bs in bed_servers[:2]:
-        names = subprocess.run(["virsh", "-c", bs.uri_tcp, "list", "--all", "--name"], capture_output=True,
-                               text=True).stdout.split()
-        for name in names:
-            if name.startswith("t-"):
-                subprocess.run(["virsh", "-c", bs.uri_tcp, "destroy", name], capture_output=True)
-                subprocess.run(["virsh", "-c", bs.uri_tcp, "undefine", "--managed-save", name], capture_output=True)
-        subprocess.run(["rm", "-rf", str(bs.host_path(f"{bs.disk_dir}/corral-vms")),
-                        str(bs.host_path(f"{bs.disk_dir}/corral-bases"))])
+def setup(bed_portal):
+    return bed_portal
 
 
-def create(client, setup, name, *, server=0, clone=False, mac="", memory=256):
-    data = {"name": name, "appliance": setup["appliance"], "memory_mb": memory, "vcpus": 1,
-            "placement": str(setup["disks"][setup["servers"][server]]), "mac": mac}
-    if clone:
-        data["clone"] = "y"
-    return client.post("/vms/new", data=data)
-
-
-def vm_row(app, name) -> VM:
-    with app.app_context():
-        vm = db.session.execute(db.select(VM).where(VM.name == name)).scalar_one_or_none()
-        if vm is not None:
-            db.session.expunge(vm)
-        return vm
-
-
-def last_task(app, name) -> Task:
-    with app.app_context():
-        vm_id = db.session.execute(db.select(VM.id).where(VM.name == name)).scalar_one()
-        return db.session.execute(db.select(Task).where(Task.target_type == "vm", Task.target_id == vm_id)
-                                  .order_by(Task.id.desc())).scalars().first()
-
-
-def act(app, client, name, action, expect_state):
-    vm = vm_row(app, name)
-    r = client.post(f"/vms/{vm.id}/power/{action}")
-    assert r.status_code == 302
-    run_worker_burst()
-    task = last_task(app, name)
-    assert task.state == "succeeded", (action, task.error, task.log)
-    assert vm_row(app, name).state == expect_state, action
-
-
-def domstate(bs, name) -> str:
-    return subprocess.run(["virsh", "-c", bs.uri_tcp, "domstate", name], capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
-def wait_serial(bs, name, predicate, timeout=90):
-    path = bs.host_path(f"/var/log/libvirt/qemu/{name}.serial.log")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = path.read_text(errors="replace") if path.exists() else ""
-        if predicate(text):
-            return text
-        time.sleep(0.3)
-    pytest.fail(f"serial log of {name} never matched; tail: {text[-500:]}")
-
-
-def test_full_copy_and_clones_boot_operate_and_delete_cleanly(app, client, setup, bed_servers):
+def test_full_copy_and_clones_boot_operate_and_delete_cleanly(app, client, setup, bed_servers, console_follower):
     bs1, bs2 = bed_servers[:2]
     assert create(client, setup, "t-full").status_code == 302
     assert create(client, setup, "t-cl1", server=1, clone=True).status_code == 302
@@ -116,9 +48,12 @@ def test_full_copy_and_clones_boot_operate_and_delete_cleanly(app, client, setup
     act(app, client, "t-cl1", "start", "running")
     wait_serial(bs2, "t-cl1", lambda t: "CORRAL-READY t-cl1" in t)
     vm_id = vm_row(app, "t-full").id
-    client.get(f"/vms/{vm_id}/_console")  # asks a worker for the log's tail
-    run_worker_burst()
-    assert "CORRAL-HB" in client.get(f"/vms/{vm_id}/_console").get_data(as_text=True)
+    for _ in range(300):  # the console follower (corral monitor's) reads the log; the page shows its buffer
+        if "CORRAL-HB" in client.get(f"/vms/{vm_id}/_console").get_data(as_text=True):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the console page never showed the heartbeat")
 
     act(app, client, "t-full", "pause", "paused")
     assert domstate(bs1, "t-full") == "paused"
@@ -238,6 +173,17 @@ def test_change_owner_respects_the_new_owners_quota(app, client, setup):
         assert db.session.get(VM, vm_id).owner.username == "roomy"
 
 
+def _copy_under_way(folder, name: str) -> bool:
+    """A part file of *name* (each copy writes its own, ``name.part-<random>``) has bytes in it."""
+    for part in folder.glob(f"{name}.part-*") if folder.exists() else ():
+        try:
+            if part.stat().st_size > 0:
+                return True
+        except FileNotFoundError:  # moved into place meanwhile
+            pass
+    return False
+
+
 def test_worker_killed_mid_copy_leaves_a_partial_vm_that_deletes_cleanly(app, client, setup, bed_servers, tmp_path):
     import os
     import signal
@@ -266,9 +212,9 @@ def test_worker_killed_mid_copy_leaves_a_partial_vm_that_deletes_cleanly(app, cl
     with open(tmp_path / "worker.log", "w") as log:
         worker = start_worker(log=log)
         try:
-            part = bs.host_path(f"{bs.disk_dir}/corral-vms/t-part/disk0.qcow2.part")
+            folder = bs.host_path(f"{bs.disk_dir}/corral-vms/t-part")
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not (part.exists() and part.stat().st_size > 0):
+            while time.monotonic() < deadline and not _copy_under_way(folder, "disk0.qcow2"):
                 time.sleep(0.01)  # kill once the copy is under way
             horses = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
             assert horses, "no work horse found"

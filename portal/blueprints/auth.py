@@ -11,11 +11,11 @@ from sqlalchemy.orm import selectinload
 from wtforms import DateField, SelectChoice, EmailField, PasswordField, SelectField, StringField
 from wtforms.validators import DataRequired, Email, EqualTo, Length, Optional
 
-from .. import actionlog, permissions, tasks
+from .. import actionlog, metrics, permissions, tasks
 from ..auth_core import LoginThrottle, hash_password, password_problem, verify_password
 from ..extensions import db
 from ..models import ActionLog, User, utcnow
-from ..views_common import page_or_partial, paginate
+from ..views_common import launch, page_or_partial, paginate
 
 bp = Blueprint("auth", __name__)
 
@@ -72,6 +72,7 @@ def login():
             db.session.commit()
             return redirect(_safe_next(request.args.get("next")))
         throttle.failed(name, address)
+        metrics.incr("login_failures")
         if user is not None:
             actionlog.record("login-failed", target=user, user_id=user.id)
             db.session.commit()
@@ -179,19 +180,16 @@ def actionlog_export():
 
     everyone = permissions.is_manager(current_user) and request.form.get("scope") == "all"
     user_id = None if everyone else current_user.id
-    try:
-        sub = tasks.submit(
-            "export-actionlog",
-            export_actionlog,
-            title="Export everyone's action log" if everyone else f"Export {current_user.username}'s action log",
-            requester_id=current_user.id,
-            key=f"export-actionlog:{current_user.id}:{'all' if everyone else 'own'}",
-            args=(user_id,),
-            retries=2,
-        )
-    except tasks.QueueUnavailable:
-        flash("The task queue is not answering; nothing was started. Try again shortly.", "error")
+    sub = tasks.submit(
+        "export-actionlog",
+        export_actionlog,
+        title="Export everyone's action log" if everyone else f"Export {current_user.username}'s action log",
+        requester_id=current_user.id,
+        key=f"export-actionlog:{current_user.id}:{'all' if everyone else 'own'}",
+        args=(user_id,),
+        retries=2,
+    )
+    task = launch(sub, busy="That export is already running; here it is.")
+    if task is None:
         return redirect(url_for("auth.actionlog"))
-    if not sub.created:
-        flash("That export is already running; here it is.", "info")
-    return redirect(url_for("tasks.detail", task_id=sub.task.id))
+    return redirect(url_for("tasks.detail", task_id=task.id))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import uuid
 from pathlib import Path
@@ -14,18 +13,27 @@ from flask_wtf import FlaskForm
 from flask_wtf.file import FileField, FileRequired, MultipleFileField
 from sqlalchemy.orm import selectinload
 from wtforms import IntegerField, StringField, TextAreaField
-from wtforms.validators import DataRequired, Length, NumberRange, Optional, Regexp
+from wtforms.validators import DataRequired, Length, NumberRange, Optional, ValidationError
 
 from .. import actionlog, library as library_mod, tasks
 from ..extensions import db
 from ..models import Appliance, IsoImage
 from ..permissions import manager_required
-from ..views_common import page_or_partial, paginate
+from ..views_common import launch, page_or_partial, paginate
 
 bp = Blueprint("library", __name__, url_prefix="/library")
 
-NAME = [DataRequired(), Length(min=2, max=64),
-        Regexp(r"^[A-Za-z0-9][A-Za-z0-9._ -]*$", message="Letters, digits, space, dot, dash and underscore only.")]
+
+
+def _name_rule(form, field) -> None:
+    """The library's one name rule (:func:`portal.library.check_name`), for appliance and ISO names."""
+    try:
+        field.data = library_mod.check_name(field.data)
+    except library_mod.LibraryError as exc:
+        raise ValidationError(str(exc)) from None
+
+
+NAME = [DataRequired(), _name_rule]
 
 
 class UploadApplianceForm(FlaskForm):
@@ -51,49 +59,27 @@ def index():
     return page_or_partial("library/index.html", "library/_appliances.html", page=page, isos=isos)
 
 
-def _uploads_dir() -> Path:
-    path = library_mod.library_dir() / "uploads" / uuid.uuid4().hex
-    path.mkdir(parents=True)
-    return path
-
-
 @bp.route("/appliances/upload", methods=["GET", "POST"])
 @login_required
 @manager_required
 def upload_appliance():
-    from ..jobs.library import import_uploaded
 
     form = UploadApplianceForm()
     if form.validate_on_submit():
         files = [f for f in (form.disks.data or []) if f and f.filename]
-        problem = None
-        if not 1 <= len(files) <= 4:
-            problem = "Choose one to four disk image files."
-        elif form.min_memory_mb.data > form.max_memory_mb.data:
-            problem = "The minimum memory is above the maximum."
-        elif db.session.execute(db.select(Appliance.id).where(Appliance.name == form.name.data.strip())).first():
-            problem = f"An appliance called {form.name.data.strip()} exists already."
-        if problem:
-            flash(problem, "error")
+        try:
+            name = library_mod.check_upload(form.name.data, len(files), form.min_memory_mb.data,
+                                            form.max_memory_mb.data)
+        except library_mod.LibraryError as exc:
+            flash(str(exc), "error")
         else:
-            folder = _uploads_dir()
-            for i, f in enumerate(files):
-                f.save(folder / f"upload-{i}")  # streamed to disk in chunks
-            meta = {"name": form.name.data.strip(), "description": form.description.data,
-                    "min_memory_mb": form.min_memory_mb.data, "max_memory_mb": form.max_memory_mb.data,
-                    "vcpus": form.vcpus.data, "os_hint": form.os_hint.data, "user_id": current_user.id,
-                    "files": [f"upload-{i}" for i in range(len(files))], "names": [f.filename for f in files]}
-            try:
-                sub = tasks.submit("appliance-import", import_uploaded, title=f"Import appliance {meta['name']}",
-                                   requester_id=current_user.id, key=f"appliance-import:{meta['name']}",
-                                   args=(str(folder), json.dumps(meta)))
-            except tasks.QueueUnavailable:
-                shutil.rmtree(folder, ignore_errors=True)
-                flash("The task queue is not answering; nothing was imported.", "error")
-            else:
-                if not sub.created:
-                    shutil.rmtree(folder, ignore_errors=True)
-                return redirect(url_for("tasks.detail", task_id=sub.task.id))
+            meta = {"name": name, "description": form.description.data, "min_memory_mb": form.min_memory_mb.data,
+                    "max_memory_mb": form.max_memory_mb.data, "vcpus": form.vcpus.data, "os_hint": form.os_hint.data}
+            sub, folder = library_mod.submit_upload(files, meta, current_user.id)
+            task = launch(sub, busy=f"{name} is being imported already; here it is.",
+                          not_started=lambda: shutil.rmtree(folder, ignore_errors=True))
+            if task is not None:
+                return redirect(url_for("tasks.detail", task_id=task.id))
     status = 400 if form.is_submitted() else 200
     return render_template("library/upload.html", form=form), status
 
@@ -104,10 +90,9 @@ def upload_appliance():
 def delete_appliance(appliance_id: int):
     row = db.get_or_404(Appliance, appliance_id)
     actionlog.record("appliance-deleted", target=row)
-    folder = library_mod.appliance_dir(row.id)
     db.session.delete(row)  # VMs keep running from their own copies (appliance_id becomes empty)
     db.session.commit()
-    shutil.rmtree(folder, ignore_errors=True)
+    library_mod.remove_appliance_files(appliance_id)
     flash(f"Deleted the appliance {row.name}; VMs created from it are untouched.", "success")
     return redirect(url_for("library.index"))
 
@@ -118,7 +103,7 @@ def delete_appliance(appliance_id: int):
 def upload_iso():
     form = UploadIsoForm()
     if form.validate_on_submit():
-        name = form.name.data.strip()
+        name = form.name.data
         if db.session.execute(db.select(IsoImage.id).where(IsoImage.name == name)).first():
             flash(f"An ISO image called {name} exists already.", "error")
         else:
@@ -156,7 +141,7 @@ def _is_iso9660(path: Path) -> bool:
 
 
 class ImportOvaForm(FlaskForm):
-    name = StringField("Name (empty: the name in the OVF)", validators=[Optional(), *NAME[1:]])
+    name = StringField("Name (empty: the name in the OVF)", validators=[Optional(), _name_rule])
     description = TextAreaField("Description", validators=[Optional(), Length(max=2000)])
     ova = FileField("OVA package", validators=[FileRequired()])
 
@@ -165,26 +150,18 @@ class ImportOvaForm(FlaskForm):
 @login_required
 @manager_required
 def import_ova():
-    from ..jobs.library import import_ova as import_ova_job
-
     form = ImportOvaForm()
     if form.validate_on_submit():
-        name = (form.name.data or "").strip()
-        if name and db.session.execute(db.select(Appliance.id).where(Appliance.name == name)).first():
-            flash(f"An appliance called {name} exists already.", "error")
+        try:
+            name = library_mod.check_ova_name(form.name.data or "")
+        except library_mod.LibraryError as exc:
+            flash(str(exc), "error")
         else:
-            folder = _uploads_dir()
-            form.ova.data.save(folder / "upload-0")
-            meta = {"name": name, "description": form.description.data, "user_id": current_user.id,
-                    "filename": form.ova.data.filename}
-            try:
-                sub = tasks.submit("appliance-import", import_ova_job, title=f"Import OVA {form.ova.data.filename}",
-                                   requester_id=current_user.id, key=None, args=(str(folder), json.dumps(meta)))
-            except tasks.QueueUnavailable:
-                shutil.rmtree(folder, ignore_errors=True)
-                flash("The task queue is not answering; nothing was imported.", "error")
-            else:
-                return redirect(url_for("tasks.detail", task_id=sub.task.id))
+            sub, folder = library_mod.submit_ova(form.ova.data, {"name": name, "description": form.description.data},
+                                                 current_user.id)
+            task = launch(sub, not_started=lambda: shutil.rmtree(folder, ignore_errors=True))
+            if task is not None:
+                return redirect(url_for("tasks.detail", task_id=task.id))
     status = 400 if form.is_submitted() else 200
     return render_template("library/import_ova.html", form=form), status
 
@@ -204,13 +181,11 @@ def catalog_page():
             flash(str(exc), "error")
             return render_template("library/catalog.html", state=state, existing=set()), 400
         catalog.save(state)
-        try:
-            sub = tasks.submit("catalog-refresh", refresh_catalog, title=f"Fetch the catalog {state['url']}",
-                               requester_id=current_user.id, key="catalog-refresh")
-        except tasks.QueueUnavailable:
-            flash("The task queue is not answering; the catalog was not fetched.", "error")
-        else:
-            return redirect(url_for("tasks.detail", task_id=sub.task.id))
+        sub = tasks.submit("catalog-refresh", refresh_catalog, title=f"Fetch the catalog {state['url']}",
+                           requester_id=current_user.id, key="catalog-refresh")
+        task = launch(sub)
+        if task is not None:
+            return redirect(url_for("tasks.detail", task_id=task.id))
     existing = set(db.session.execute(db.select(Appliance.name)).scalars())
     return render_template("library/catalog.html", state=state, existing=existing)
 
@@ -226,13 +201,12 @@ def catalog_download():
     if not any(e["name"] == name for e in catalog.load()["entries"]):
         flash("The catalog does not offer that appliance; fetch the catalog again.", "error")
         return redirect(url_for("library.catalog_page"))
-    if db.session.execute(db.select(Appliance.id).where(Appliance.name == name)).first():
+    if library_mod.appliance_exists(name):
         flash(f"The library has an appliance called {name} already.", "error")
         return redirect(url_for("library.catalog_page"))
-    try:
-        sub = tasks.submit("catalog-download", download_catalog_entry, title=f"Download {name} from the catalog",
-                           requester_id=current_user.id, key=f"catalog-download:{name}", args=(name, current_user.id))
-    except tasks.QueueUnavailable:
-        flash("The task queue is not answering; nothing was downloaded.", "error")
+    sub = tasks.submit("catalog-download", download_catalog_entry, title=f"Download {name} from the catalog",
+                       requester_id=current_user.id, key=f"catalog-download:{name}", args=(name, current_user.id))
+    task = launch(sub)
+    if task is None:
         return redirect(url_for("library.catalog_page"))
-    return redirect(url_for("tasks.detail", task_id=sub.task.id))
+    return redirect(url_for("tasks.detail", task_id=task.id))

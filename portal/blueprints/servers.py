@@ -11,11 +11,11 @@ from sqlalchemy import func
 from wtforms import BooleanField, FieldList, FormField, IntegerField, PasswordField, SelectChoice, SelectField, StringField
 from wtforms.validators import DataRequired, Length, NumberRange, Optional
 
-from .. import permissions, secrets_relay, servers as servers_mod, tasks
+from .. import moves, permissions, secrets_relay, servers as servers_mod, tasks
 from ..extensions import db
-from ..models import VM, CheckResult, Server, ServerDisk, Task
+from ..models import VM, CheckResult, Server, ServerDisk, Task, TaskState
 from ..permissions import manager_required
-from ..views_common import page_or_partial, paginate
+from ..views_common import launch, page_or_partial, paginate
 
 bp = Blueprint("servers", __name__, url_prefix="/servers")
 
@@ -83,18 +83,13 @@ def index():
 def detail(server_id: int):
     server = db.get_or_404(Server, server_id)
     return page_or_partial("servers/detail.html", "servers/_detail.html", server=server,
-                           vms=servers_mod.vms_on(server), row=_server_rows([server])[0], disk_form=AddDiskForm())
+                           vms=servers_mod.vms_on(server), row=_server_rows([server])[0], disk_form=AddDiskForm(),
+                           partners={d.id: moves.shared_partners(d) for d in server.disks})
 
 
-def _submit(kind, func, *, title, target=None, key="default", args=(), on_error="servers.index"):
-    try:
-        sub = tasks.submit(kind, func, title=title, requester_id=current_user.id, target=target, key=key, args=args)
-    except tasks.QueueUnavailable:
-        flash("The task queue is not answering; nothing was started. Try again shortly.", "error")
-        return None
-    if not sub.created:
-        flash("That is already under way; here it is.", "info")
-    return sub.task
+def _submit(kind, func, *, title, target=None, key="default", args=()):
+    sub = tasks.submit(kind, func, title=title, requester_id=current_user.id, target=target, key=key, args=args)
+    return launch(sub, busy="That is already under way; here it is.")
 
 
 @bp.route("/add", methods=["GET", "POST"])
@@ -135,7 +130,7 @@ def review(task_id: int):
     from ..jobs.servers import register_server
 
     task = _probe_task(task_id)
-    found = json.loads(task.result) if task.state == "succeeded" and task.result else None
+    found = json.loads(task.result) if task.state == TaskState.SUCCEEDED.value and task.result else None
     form = ReviewForm()
     if found and not form.is_submitted():
         f = found["facts"]
@@ -225,6 +220,44 @@ def mark_up(server_id: int):
 def delete(server_id: int):
     return _change(server_id, servers_mod.delete, "The definition of {name} was deleted.") or \
         redirect(url_for("servers.index"))
+
+
+@bp.post("/<int:server_id>/disks/<int:disk_id>/shared")
+@login_required
+@manager_required
+def declare_shared(server_id: int, disk_id: int):
+    """Claim a VM disk is the same storage as another server's: a task verifies it, then records it."""
+    from ..jobs.moves import verify_shared_disk
+
+    disk = db.get_or_404(ServerDisk, disk_id)
+    other = db.session.get(ServerDisk, request.form.get("other_disk_id", type=int) or 0)
+    try:
+        if disk.server_id != server_id:
+            abort(404)
+        moves.check_shared_claim(disk, other)
+    except moves.MoveError as exc:
+        flash(str(exc), "error")
+        return redirect(url_for("servers.detail", server_id=server_id))
+    return _to_task(_submit("disk-share", verify_shared_disk, target=disk.server, key=f"disk-share:{disk.id}",
+                            title=f"Verify {disk.mountpoint} shared by {disk.server.hostname} and "
+                                  f"{other.server.hostname}", args=(disk.id, other.id, current_user.id)), server_id)
+
+
+def _to_task(task, server_id: int):
+    return redirect(url_for("tasks.detail", task_id=task.id) if task else url_for("servers.detail",
+                                                                                  server_id=server_id))
+
+
+@bp.post("/<int:server_id>/evacuate")
+@login_required
+@manager_required
+def evacuate(server_id: int):
+    """Migrate every running VM off the server, then mark it down (one task; a report at the end)."""
+    from ..jobs.moves import evacuate_server
+
+    server = db.get_or_404(Server, server_id)
+    return _to_task(_submit("server-evacuate", evacuate_server, target=server, title=f"Evacuate {server.hostname}",
+                            args=(server.id, moves.default_options(), current_user.id)), server_id)
 
 
 @bp.route("/<int:server_id>/graphs")

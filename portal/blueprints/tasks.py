@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flask import Blueprint, abort, current_app, flash, make_response, redirect, render_template, send_file, url_for
+from flask import Blueprint, abort, flash, make_response, redirect, render_template, send_file, url_for
 from flask_login import current_user, login_required
 
 from .. import permissions, tasks as tasks_mod
 from ..extensions import db
-from ..models import Task
+from ..models import Task, TaskState
+from ..shared import shared_dir
 from ..views_common import is_htmx, page_or_partial, paginate
 
 bp = Blueprint("tasks", __name__, url_prefix="/tasks")
@@ -65,9 +66,9 @@ def cancel(task_id: int):
 @login_required
 def download(task_id: int):
     task = permissions.get_task_or_404(task_id)
-    if task.kind != "export-actionlog" or task.state != "succeeded" or not task.result:
+    if task.kind != "export-actionlog" or task.state != TaskState.SUCCEEDED.value or not task.result:
         abort(404)
-    path = Path(current_app.instance_path) / "exports" / Path(task.result).name
+    path = shared_dir("exports") / Path(task.result).name
     if not path.is_file():
         abort(404)
     return send_file(path, mimetype="text/csv", as_attachment=True, download_name=f"corral-{path.name}")

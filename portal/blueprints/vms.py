@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import re
-
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 from flask_wtf import FlaskForm
 from sqlalchemy.orm import selectinload
-from wtforms import BooleanField, FieldList, FormField, IntegerField, SelectChoice, SelectField, StringField
+from wtforms import BooleanField, FieldList, FormField, HiddenField, IntegerField, SelectChoice, SelectField, StringField
 from wtforms.validators import DataRequired, Length, NumberRange, Optional
 
-from .. import actionlog, macs, permissions, quotas, tasks, vms as vms_mod
-from ..extensions import db, queues
-from ..models import VM, Appliance, IsoImage, Server, ServerDisk, ServerStatus, Task, User, VMState
-from ..views_common import page_or_partial, paginate
+from .. import actionlog, library, livesync, macs, networks, offerings, permissions, quotas, tasks, vms as vms_mod
+from ..extensions import db
+from ..models import ACTIVE_TASK_STATES, VM, Appliance, ApplianceState, IsoImage, Server, ServerDisk, ServerStatus, Task, User, VMState
+from ..views_common import launch, page_or_partial, paginate, submit_vm_task
 
 bp = Blueprint("vms", __name__, url_prefix="/vms")
 
@@ -54,9 +52,11 @@ def detail(vm_id: int):
     ).scalars().all()
     owners = db.session.execute(db.select(User.id, User.username).where(User.disabled.is_(False))
                                 .order_by(User.username)).all() if permissions.can_change_owner(current_user) else []
+    can_settings = permissions.can_change_settings(current_user, vm)
     return page_or_partial("vms/detail.html", "vms/_detail.html", vm=vm, history=history,
                            actions=vms_mod.allowed_actions(vm), labels=vms_mod.ACTION_LABELS,
-                           can_delete=permissions.can_delete_vm(current_user, vm), owners=owners)
+                           can_delete=permissions.can_delete_vm(current_user, vm), owners=owners,
+                           can_settings=can_settings, managers=[] if can_settings else permissions.managers())
 
 
 class NewVMForm(FlaskForm):
@@ -68,12 +68,13 @@ class NewVMForm(FlaskForm):
     clone = BooleanField("Clone VM (copy-on-write overlay on a base cached on the server: ready in seconds)")
     usb_tablet = BooleanField("USB tablet (smooth mouse in the web console)")
     mac = StringField("Custom MAC (empty: generated from the VMID)", validators=[Optional(), Length(max=17)])
+    offering = HiddenField()  # ordered from the catalog: bounded by that offering
 
 
 def _new_vm_form() -> NewVMForm:
     form = NewVMForm()
     appliances = db.session.execute(
-        db.select(Appliance).where(Appliance.state == "ready").order_by(Appliance.name)).scalars().all()
+        db.select(Appliance).where(Appliance.state == ApplianceState.READY.value).order_by(Appliance.name)).scalars().all()
     form.appliance.choices = [SelectChoice(a.id, f"{a.name} ({a.min_memory_mb}-{a.max_memory_mb} MB)")
                               for a in appliances]
     disks = db.session.execute(
@@ -81,6 +82,15 @@ def _new_vm_form() -> NewVMForm:
         .order_by(Server.hostname, ServerDisk.mountpoint)).scalars().all()
     if not form.is_submitted() and request.args.get("appliance", "").isdigit():
         form.appliance.data = int(request.args["appliance"])
+    if not form.is_submitted() and request.args.get("offering", "").isdigit():
+        try:
+            offering = offerings.get_orderable(current_user, int(request.args["offering"]))
+        except offerings.OfferingError as exc:
+            flash(str(exc), "error")
+        else:
+            form.offering.data = str(offering.id)
+            form.appliance.data, form.memory_mb.data, form.vcpus.data = (offering.appliance_id, offering.memory_mb,
+                                                                         offering.vcpus)
     form.placement.choices = [SelectChoice("auto", "Automatic (enough free memory, most free disk, fewest VMs)")] + [
         SelectChoice(str(d.id), f"{d.server.hostname}:{d.mountpoint} ({d.free_gb if d.free_gb is not None else '?'} "
                                 f"GB free)") for d in disks]
@@ -101,39 +111,55 @@ def new():
         appliance = db.session.get(Appliance, form.appliance.data)
         disk_id = None if form.placement.data == "auto" else int(form.placement.data)
         try:
-            placement = vms_mod.place(form.memory_mb.data, 1, disk_id=disk_id)
+            offering = None
+            if form.offering.data:
+                offering = offerings.get_orderable(current_user, int(form.offering.data or 0))
+                offerings.check_order(current_user, offering, appliance_id=form.appliance.data,
+                                      memory_mb=form.memory_mb.data, vcpus=form.vcpus.data,
+                                      backup_mode=request.form.get("backup_mode", "none"))
+            nets = networks.from_form(request.form)
+            placement = vms_mod.place(form.memory_mb.data, sum(vms_mod.appliance_disk_sizes(appliance)),
+                                      disk_id=disk_id, eligible=networks.carries_all(nets))
             vm = vms_mod.record_new_vm(owner=current_user._get_current_object(), name=form.name.data,
                                        appliance=appliance, memory_mb=form.memory_mb.data, vcpus=form.vcpus.data,
                                        placement=placement, clone=form.clone.data, usb_tablet=form.usb_tablet.data,
                                        mac=form.mac.data or None)
-        except (vms_mod.VMError, quotas.QuotaExceeded, macs.MacError) as exc:
+            networks.attach(vm, nets)
+            if offering is not None:
+                offerings.after_order(vm, offering)
+            _protect_new(vm)
+        except (vms_mod.VMError, quotas.QuotaExceeded, macs.MacError, offerings.OfferingError,
+                livesync.LiveSyncError, networks.NetworkError) as exc:
             db.session.rollback()
             flash(str(exc), "error")
         else:
-            try:
-                sub = tasks.submit("vm-create", create_vm, title=f"Create VM {vm.name}", requester_id=current_user.id,
-                                   target=vm, args=(vm.id,))
-            except tasks.QueueUnavailable:
-                flash("The task queue is not answering; the VM is recorded as partially created.", "error")
-                vm.state = VMState.PARTIAL.value
-                db.session.commit()
+            sub = tasks.submit("vm-create", create_vm, title=f"Create VM {vm.name}", requester_id=current_user.id,
+                               target=vm, args=(vm.id,))
+            task = launch(sub)
+            if task is None:
                 return redirect(url_for("vms.detail", vm_id=vm.id))
             flash(f"Creating {vm.name} on {placement.server.hostname}: {placement.reason}.", "info")
-            return redirect(url_for("tasks.detail", task_id=sub.task.id))
+            return redirect(url_for("tasks.detail", task_id=task.id))
     status = 400 if form.is_submitted() else 200
-    return render_template("vms/new.html", form=form, quota=quotas.lines(current_user)), status
+    offering = db.session.get(offerings.Offering, int(form.offering.data)) if (form.offering.data or "").isdigit() \
+        else None
+    return render_template("vms/new.html", form=form, quota=quotas.lines(current_user), offering=offering,
+                           backup_preset=offerings.backup_preset(offering)), status
 
 
-def _vm_task(vm: VM, kind: str, func, title: str, *args):
-    try:
-        sub = tasks.submit(kind, func, title=title, requester_id=current_user.id, target=vm, key=f"vm:{vm.id}",
-                           args=(vm.id, *args))
-    except tasks.QueueUnavailable:
-        flash("The task queue is not answering; nothing was started.", "error")
-        return None
-    if not sub.created:
-        flash(f"{vm.name} is busy with task {sub.task.id} ({sub.task.title}); try again when it ends.", "info")
-    return sub.task
+def _protect_new(vm: VM) -> None:
+    """The create form's backup mode and server (LiveSync): recorded with the VM, applied by its create job."""
+    mode, raw = request.form.get("backup_mode", "none"), request.form.get("backup_server", "")
+    if mode != "none" or raw:
+        livesync.set_protection(vm, mode, int(raw) if raw.isdigit() else None)
+
+
+def _vm_task(vm: VM, kind: str, func, title: str, *args, not_started=None):
+    """One task per VM at a time: a second request while one is active changes nothing and shows that one."""
+    name = vm.name
+    sub = submit_vm_task(vm, kind, func, title, *args)
+    return launch(sub, busy=f"{name} is busy with task {sub.task.id} ({sub.task.title}); try again when it ends.",
+                  not_started=not_started)
 
 
 @bp.post("/<int:vm_id>/power/<action>")
@@ -163,8 +189,10 @@ def delete(vm_id: int):
     vm = permissions.get_vm_or_404(vm_id)
     if not permissions.can_delete_vm(current_user, vm):
         abort(403)
-    if vm.state not in (VMState.OFF.value, VMState.PARTIAL.value, VMState.SAVED.value, VMState.CRASHED.value):
-        flash(f"Power {vm.name} off before deleting it (it is {vm.state_enum.label}).", "error")
+    try:
+        vms_mod.check_delete(vm)
+    except vms_mod.VMError as exc:
+        flash(str(exc), "error")
         return redirect(url_for("vms.detail", vm_id=vm.id))
     actionlog.record("vm-delete-requested", target=vm)
     task = _vm_task(vm, "vm-delete", delete_vm, f"Delete VM {vm.name}")
@@ -176,7 +204,7 @@ def delete(vm_id: int):
 def _state_panel(vm: VM):
     active = db.session.execute(
         db.select(Task).where(Task.target_type == "vm", Task.target_id == vm.id,
-                              Task.state.in_(["queued", "running"]))).scalars().first()
+                              Task.state.in_(ACTIVE_TASK_STATES))).scalars().first()
     return render_template("vms/_state.html", vm=vm, actions=vms_mod.allowed_actions(vm), active=active,
                            labels=vms_mod.ACTION_LABELS)
 
@@ -190,16 +218,12 @@ def state(vm_id: int):
 @bp.route("/<int:vm_id>/_console")
 @login_required
 def console(vm_id: int):
-    """The serial log's tail, fetched by a worker (never over SSH in this request)."""
-    from ..jobs.vms import console_key, read_console
+    """The serial log's tail from the VM's console buffer: one Redis read, no job and
+    no SSH, so any number of viewers cost the server nothing more."""
+    from .. import consoles
 
     vm = permissions.get_vm_or_404(vm_id)
-    key = console_key(vm.id)
-    text = queues.redis.get(key)
-    # At most one fetch every 2 s per VM, whoever is watching.
-    if queues.redis.set(f"{key}:pending", 1, nx=True, ex=2):
-        queues.queue().enqueue(read_console, vm.id, result_ttl=0, failure_ttl=60, job_timeout=60)
-    return render_template("vms/_console.html", vm=vm, text=text.decode(errors="replace") if text else None)
+    return render_template("vms/_console.html", vm=vm, console=consoles.view(vm))
 
 
 class SettingsForm(FlaskForm):
@@ -213,7 +237,7 @@ def settings(vm_id: int):
     from ..jobs.vms import apply_settings
 
     vm = permissions.get_vm_or_404(vm_id)
-    if not permissions.can_operate_vm(current_user, vm):
+    if not permissions.can_change_settings(current_user, vm):
         abort(403)
     form = SettingsForm()
     sizes = []
@@ -224,18 +248,14 @@ def settings(vm_id: int):
         flash("; ".join(e for errs in form.errors.values() for e in errs), "error")
         return redirect(url_for("vms.detail", vm_id=vm.id))
     try:
-        vms_mod.check_settings(vm, memory_mb=form.memory_mb.data, vcpus=form.vcpus.data, disk_sizes=sizes)
+        old = vms_mod.change_settings(vm, vms_mod.Sizes(form.memory_mb.data, form.vcpus.data, tuple(sizes)))
     except (vms_mod.VMError, quotas.QuotaExceeded) as exc:
         db.session.rollback()
         flash(str(exc), "error")
         return redirect(url_for("vms.detail", vm_id=vm.id))
-    changes = f"memory {vm.memory_mb} -> {form.memory_mb.data} MB, vCPUs {vm.vcpus} -> {form.vcpus.data}, " \
-              f"disks {[d.size_gb for d in vm.vdisks]} -> {sizes} GB"
-    vm.memory_mb, vm.vcpus = form.memory_mb.data, form.vcpus.data
-    for d, size in zip(vm.vdisks, sizes):
-        d.size_gb = size
-    actionlog.record("vm-settings-changed", target=vm, detail=changes)
-    task = _vm_task(vm, "vm-settings", apply_settings, f"Apply settings of {vm.name}")
+    # A task that cannot start leaves the VM as it was: its recorded sizes go back.
+    task = _vm_task(vm, "vm-settings", apply_settings, f"Apply settings of {vm.name}",
+                    not_started=lambda: old.apply(vm))
     return redirect(url_for("tasks.detail", task_id=task.id) if task else url_for("vms.detail", vm_id=vm.id))
 
 
@@ -268,7 +288,7 @@ class BlankDiskForm(FlaskForm):
     class Meta:
         csrf = False
 
-    size_gb = IntegerField("Size (GB)", validators=[Optional(), NumberRange(1, 16384)])
+    size_gb = IntegerField("Size (GB)", validators=[Optional(), NumberRange(1, vms_mod.MAX_DISK_GB)])
     bus = SelectField("Bus", choices=BUS_CHOICES, default="virtio")
 
 
@@ -301,19 +321,22 @@ def new_blank():
         disks = [(d.size_gb.data, d.bus.data) for d in form.disks if d.size_gb.data]
         disk_id = None if form.placement.data == "auto" else int(form.placement.data)
         try:
-            placement = vms_mod.place(form.memory_mb.data, sum(s for s, _ in disks) or 1, disk_id=disk_id)
+            nets = networks.from_form(request.form)
+            placement = vms_mod.place(form.memory_mb.data, sum(s for s, _ in disks) or 1, disk_id=disk_id,
+                                      eligible=networks.carries_all(nets))
             vm = vms_mod.record_new_blank_vm(
                 owner=current_user._get_current_object(), name=form.name.data, iso=db.session.get(IsoImage, form.iso.data),
                 memory_mb=form.memory_mb.data, vcpus=form.vcpus.data, placement=placement, disks=disks,
                 usb_tablet=form.usb_tablet.data, mac=form.mac.data or None)
-        except (vms_mod.VMError, quotas.QuotaExceeded, macs.MacError) as exc:
+            networks.attach(vm, nets)
+            _protect_new(vm)
+        except (vms_mod.VMError, quotas.QuotaExceeded, macs.MacError, livesync.LiveSyncError,
+                networks.NetworkError) as exc:
             db.session.rollback()
             flash(str(exc), "error")
         else:
             task = _vm_task(vm, "vm-create", create_vm, f"Create blank VM {vm.name}")
-            if task is None:
-                vm.state = VMState.PARTIAL.value
-                db.session.commit()
+            if task is None:  # the queue did not answer: the VM is partially created, its page says so
                 return redirect(url_for("vms.detail", vm_id=vm.id))
             return redirect(url_for("tasks.detail", task_id=task.id))
     status = 400 if form.is_submitted() else 200
@@ -323,7 +346,7 @@ def new_blank():
 @bp.post("/<int:vm_id>/copy-back")
 @login_required
 def copy_back(vm_id: int):
-    from ..jobs.vms import copy_back as copy_back_job
+    from ..jobs.library import copy_back as copy_back_job
 
     vm = permissions.get_vm_or_404(vm_id)
     if not permissions.can_manage(current_user):
@@ -332,10 +355,11 @@ def copy_back(vm_id: int):
     problem = None
     if vm.state != VMState.OFF.value:
         problem = f"Power {vm.name} off first (it is {vm.state_enum.label})."
-    elif not re.match(r"^[A-Za-z0-9][A-Za-z0-9._ -]{1,63}$", name):
-        problem = "An appliance name has 2 to 64 letters, digits, spaces, dots, dashes or underscores."
-    elif db.session.execute(db.select(Appliance.id).where(Appliance.name == name)).first():
-        problem = f"An appliance called {name} exists already."
+    else:
+        try:
+            name = library.check_new_name(name)
+        except library.LibraryError as exc:
+            problem = str(exc)
     if problem:
         flash(problem, "error")
         return redirect(url_for("vms.detail", vm_id=vm.id))

@@ -179,5 +179,4 @@ def task_job(fn):
             db.session.commit()
             return result
 
-    runner.__wrapped_job__ = fn
     return runner

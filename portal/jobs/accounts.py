@@ -7,17 +7,16 @@ import hashlib
 import os
 from pathlib import Path
 
-from flask import current_app
-
 from ..extensions import db
 from ..models import ActionLog, User
+from ..shared import shared_dir
 from . import Progress, task_job
 
 BATCH = 500
 
 
 def export_path(task_id: int) -> Path:
-    return Path(current_app.instance_path) / "exports" / f"actionlog-{task_id}.csv"
+    return shared_dir("exports") / f"actionlog-{task_id}.csv"  # the web server sends what a worker wrote
 
 
 @task_job

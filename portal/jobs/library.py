@@ -1,128 +1,75 @@
-"""Jobs for the library: import uploaded disk images as an appliance."""
+"""Jobs for the library: turn uploads, OVA packages, catalog downloads and VMs into appliances.
+
+Every way in ends in :func:`_add` (the library's one add-appliance function,
+then the job's one commit) and, on any failure, leaves nothing behind: no
+rows, no files. Image tools run behind :mod:`portal.vmm.convert` (this
+machine) and :mod:`portal.vmm.images` (a server).
+"""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import http.client
 import json
-import lzma
 import re
 import shutil
-import subprocess
 import tarfile
 import time
-import urllib.request
-import xml.etree.ElementTree as ET
-import zlib
 from pathlib import Path
 
-from .. import actionlog, library
-from ..extensions import db
-from ..models import Appliance
-from . import Progress, task_job
+import requests
+from defusedxml import DefusedXmlException
+from defusedxml import ElementTree as SafeET
 
-ACCEPTED = {"qcow2", "raw", "vmdk", "vdi"}
-MAGIC = {b"\x1f\x8b": "gz", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zst"}
+from .. import backups, catalog, library, servers
+from ..extensions import db
+from ..models import VM, Appliance, Backup
+from ..shared import shared_dir
+from ..vmm import backup as vmm_backup
+from ..vmm import convert, images
+from . import Progress, task_job
 
 
 class ImportRejected(Exception):
-    """The upload is not a usable disk image."""
+    """What was offered cannot become an appliance; the message tells the user why."""
 
 
-def compression_of(path: Path) -> str | None:
-    with path.open("rb") as fh:
-        head = fh.read(6)
-    for magic, kind in MAGIC.items():
-        if head.startswith(magic):
-            return kind
-    return None
-
-
-def decompress(path: Path, kind: str, out: Path, progress: Progress) -> None:
-    progress.log(f"{path.name} is {kind}-compressed; decompressing.")
-    if kind == "zst":
-        r = subprocess.run(["zstd", "-q", "-d", "-f", "-o", str(out), str(path)], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise ImportRejected(f"{path.name}: not a valid zstd file ({r.stderr.strip()})")
-        return
-    opener = gzip.open if kind == "gz" else lzma.open
-    try:
-        with opener(path, "rb") as fin, out.open("wb") as fout:
-            shutil.copyfileobj(fin, fout, 8 << 20)
-    except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
-        raise ImportRejected(f"{path.name}: the {kind} data is damaged ({exc})") from exc
-
-
-def detect_format(path: Path) -> dict:
-    r = subprocess.run(["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise ImportRejected(f"qemu-img cannot read it as a disk image: {r.stderr.strip()}")
-    return json.loads(r.stdout)
-
-
-def looks_like_raw_disk(path: Path) -> bool:
-    """A raw image must at least be whole sectors and carry a partition table or boot sector."""
-    size = path.stat().st_size
-    if size < 1024 or size % 512:
-        return False
-    with path.open("rb") as fh:
-        sector0 = fh.read(512)
-        fh.seek(512)
-        sector1 = fh.read(8)
-    return sector0[510:512] == b"\x55\xaa" or sector1 == b"EFI PART"
-
-
-def to_qcow2(path: Path, progress: Progress, position: int, count: int) -> Path:
-    """Decompress if needed, detect the format with qemu-img, validate, convert to qcow2."""
+def _to_qcow2(path: Path, label: str, progress: Progress, position: int, count: int) -> Path:
+    """Decompress if needed, inspect by content, convert to ``converted-<position>.qcow2`` beside ``path``."""
     work = path
-    kind = compression_of(path)
+    kind = convert.compression_of(path)
     if kind:
+        progress.log(f"{label} is {kind}-compressed; decompressing.")
         work = path.with_name(path.name + ".decompressed")
-        decompress(path, kind, work, progress)
-    found = detect_format(work)
-    fmt = found["format"]
-    if fmt not in ACCEPTED:
-        raise ImportRejected(f"{path.name} is a {fmt} image; Corral takes qcow2, raw, vmdk and vdi.")
-    if fmt == "raw" and not looks_like_raw_disk(work):
-        raise ImportRejected(f"{path.name} is not a disk image (no partition table or boot sector, "
-                             "and not qcow2, vmdk or vdi).")
-    if fmt == "qcow2":
-        check = subprocess.run(["qemu-img", "check", str(work)], capture_output=True, text=True)
-        if check.returncode not in (0, 3):  # 3: leaked clusters only, harmless
-            raise ImportRejected(f"{path.name} is a damaged qcow2 image: {check.stdout.strip() or check.stderr.strip()}")
-        if found.get("backing-filename"):
-            raise ImportRejected(f"{path.name} depends on a backing file; upload a self-contained image.")
-    out = path.with_name(f"converted-{position}.qcow2")
+        convert.decompress(path, kind, work, label=label)
+    fmt = convert.inspect(work, label=label)
     progress.step(f"Converting disk {position + 1} of {count} ({fmt}) to qcow2", 20 + 60 * position // count)
-    r = subprocess.run(["qemu-img", "convert", "-O", "qcow2", "-f", fmt, str(work), str(out)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        raise ImportRejected(f"{path.name}: conversion failed: {r.stderr.strip()}")
+    out = path.with_name(f"converted-{position}.qcow2")
+    convert.to_qcow2(work, fmt, out, label=label)
     return out
 
 
-def add_appliance(converted: list[Path], *, name: str, description: str | None, min_memory_mb: int,
-                  max_memory_mb: int, vcpus: int, source: str, user_id: int | None, detail: str,
-                  os_hint: str | None = None) -> Appliance:
-    """Create a ready appliance from converted qcow2 disks, or nothing at all."""
-    if db.session.execute(db.select(Appliance.id).where(Appliance.name == name)).first():
-        raise ImportRejected(f"An appliance called {name} exists already.")
-    row = Appliance(name=name, description=description, min_memory_mb=min_memory_mb, max_memory_mb=max_memory_mb,
-                    vcpus=vcpus, os_hint=os_hint, source=source, state="importing", created_by_id=user_id)
-    db.session.add(row)
-    db.session.flush()
+def _add(progress: Progress, disks: list[Path], **fields) -> str:
+    """Add the appliance and commit once; on a failure after the flush, remove its files too."""
+    progress.step("Adding the appliance to the library", 85)
     try:
-        for i, c in enumerate(converted):
-            library.add_disk_file(row, i, c, move=True)
-        row.state = "ready"
-        actionlog.record("appliance-added", target=row, user_id=user_id, detail=detail)
+        row = library.add_appliance(disks, **fields)
+    except library.LibraryError as exc:
+        raise ImportRejected(str(exc)) from None
+    try:
         db.session.commit()
     except BaseException:
         db.session.rollback()
-        shutil.rmtree(library.appliance_dir(row.id), ignore_errors=True)
+        library.remove_appliance_files(row.id)
         raise
-    return row
+    return row.name
+
+
+def _new_name(name: str) -> str:
+    """Refuse early (before long work) a name the library would refuse at the end."""
+    try:
+        return library.check_new_name(name)
+    except library.LibraryError as exc:
+        raise ImportRejected(str(exc)) from None
 
 
 @task_job
@@ -130,21 +77,16 @@ def import_uploaded(progress: Progress, upload_dir: str, meta: str) -> str:
     """Turn uploaded files into a ready appliance; on any failure leave nothing behind."""
     data = json.loads(meta)
     folder = Path(upload_dir)
-    files = [folder / name for name in data["files"]]
     try:
+        name = _new_name(data["name"])
         converted = []
-        for i, f in enumerate(files):
-            progress.step(f"Checking {data['names'][i]}", 10 + 60 * i // len(files))
-            try:
-                converted.append(to_qcow2(f, progress, i, len(files)))
-            except ImportRejected as exc:
-                raise ImportRejected(str(exc).replace(f.name, data["names"][i])) from None
-        progress.step("Adding the appliance to the library", 85)
-        row = add_appliance(converted, name=data["name"], description=data.get("description"),
-                            min_memory_mb=data["min_memory_mb"], max_memory_mb=data["max_memory_mb"],
-                            vcpus=data["vcpus"], os_hint=data.get("os_hint"), source="upload",
-                            user_id=data.get("user_id"), detail=f"uploaded {', '.join(data['names'])}")
-        return row.name
+        for i, label in enumerate(data["names"]):
+            progress.step(f"Checking {label}", 10 + 60 * i // len(data["names"]))
+            converted.append(_to_qcow2(folder / data["files"][i], label, progress, i, len(data["names"])))
+        return _add(progress, converted, name=name, description=data.get("description"),
+                    min_memory_mb=data["min_memory_mb"], max_memory_mb=data["max_memory_mb"], vcpus=data["vcpus"],
+                    os_hint=data.get("os_hint"), source="upload", user_id=data.get("user_id"),
+                    detail=f"uploaded {', '.join(data['names'])}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -165,12 +107,19 @@ def _units(text: str | None) -> int:
     return _UNITS.get(text, 1 << 20)
 
 
-def parse_ovf(xml: str) -> dict:
-    """Name, memory (MB), CPUs and the ordered disk files of an OVF envelope."""
+def parse_ovf(xml: str | bytes) -> dict:
+    """Name, memory (MB), CPUs and the ordered disk files of an OVF envelope.
+
+    The envelope comes from outside: it is parsed with defusedxml, which
+    refuses DTDs, entity declarations (billion laughs) and external entities.
+    """
     try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as exc:
-        raise ImportRejected(f"The OVF descriptor is not valid XML: {exc}") from exc
+        root = SafeET.fromstring(xml, forbid_dtd=True)
+    except DefusedXmlException as exc:
+        raise ImportRejected(f"The OVF descriptor declares a DTD or XML entities, which Corral refuses "
+                             f"({type(exc).__name__}).") from None
+    except SafeET.ParseError as exc:
+        raise ImportRejected(f"The OVF descriptor is not valid XML: {exc}") from None
     a = lambda el, name: el.get(f"{{{OVF_NS['ovf']}}}{name}")  # noqa: E731
     files = {a(f, "id"): a(f, "href") for f in root.findall("ovf:References/ovf:File", OVF_NS)}
     disks = {a(d, "diskId"): files.get(a(d, "fileRef")) for d in root.findall("ovf:DiskSection/ovf:Disk", OVF_NS)}
@@ -180,22 +129,33 @@ def parse_ovf(xml: str) -> dict:
     name_el = system.find("ovf:Name", OVF_NS)
     name = (name_el.text if name_el is not None else None) or a(system, "id") or "imported"
     memory_mb, cpus, order = 1024, 1, []
-    for item in system.findall("ovf:VirtualHardwareSection/ovf:Item", OVF_NS):
-        kind = item.findtext("rasd:ResourceType", namespaces=OVF_NS)
-        qty = item.findtext("rasd:VirtualQuantity", namespaces=OVF_NS)
-        if kind == "3" and qty:
-            cpus = int(qty)
-        elif kind == "4" and qty:
-            memory_mb = int(qty) * _units(item.findtext("rasd:AllocationUnits", namespaces=OVF_NS)) >> 20
-        elif kind == "17":
-            ref = item.findtext("rasd:HostResource", namespaces=OVF_NS) or ""
-            order.append(ref.rsplit("/", 1)[-1])
+    try:
+        for item in system.findall("ovf:VirtualHardwareSection/ovf:Item", OVF_NS):
+            kind = item.findtext("rasd:ResourceType", namespaces=OVF_NS)
+            qty = item.findtext("rasd:VirtualQuantity", namespaces=OVF_NS)
+            if kind == "3" and qty:
+                cpus = int(qty)
+            elif kind == "4" and qty:
+                memory_mb = int(qty) * _units(item.findtext("rasd:AllocationUnits", namespaces=OVF_NS)) >> 20
+            elif kind == "17":
+                ref = item.findtext("rasd:HostResource", namespaces=OVF_NS) or ""
+                order.append(ref.rsplit("/", 1)[-1])
+    except ValueError as exc:
+        raise ImportRejected(f"The OVF descriptor has an unreadable CPU or memory quantity ({exc}).") from None
     hrefs = [disks.get(d) for d in order] if order else list(disks.values())
     if not hrefs or any(h is None for h in hrefs):
         raise ImportRejected("The OVF descriptor lists no disk, or a disk without a file.")
     if len(hrefs) > 4:
         raise ImportRejected(f"The appliance has {len(hrefs)} disks; Corral takes at most four.")
     return {"name": name, "memory_mb": max(16, memory_mb), "vcpus": max(1, cpus), "files": hrefs}
+
+
+def _inside(folder: Path, name: str, what: str) -> Path:
+    """``folder / name`` when that is a file inside ``folder`` (no ``..``, absolute path or link out)."""
+    path = (folder / name).resolve()
+    if not path.is_file() or folder.resolve() not in path.parents:
+        raise ImportRejected(f"{what} {name}, which is not in the archive.")
+    return path
 
 
 def _check_manifest(folder: Path, manifest: Path) -> None:
@@ -205,11 +165,21 @@ def _check_manifest(folder: Path, manifest: Path) -> None:
             continue
         algo, name, want = m.groups()
         h = hashlib.new(algo.lower())
-        with (folder / name).open("rb") as fh:
+        with _inside(folder, name, "The manifest names").open("rb") as fh:
             while chunk := fh.read(8 << 20):
                 h.update(chunk)
         if h.hexdigest().lower() != want.lower():
             raise ImportRejected(f"{name} does not match its {algo} checksum in the OVA's manifest.")
+
+
+def _ova_name(given: str, from_ovf: str) -> str:
+    """The form's name, else the OVF's own name made to follow the name rule."""
+    if given:
+        return _new_name(given)
+    try:
+        return library.check_new_name(library.name_from(from_ovf))
+    except library.LibraryError as exc:
+        raise ImportRejected(f"The OVF's name cannot be used ({exc}); give the appliance a name.") from None
 
 
 @task_job
@@ -229,49 +199,51 @@ def import_ova(progress: Progress, upload_dir: str, meta: str) -> str:
         if not ovfs:
             raise ImportRejected(f"{data['filename']} holds no .ovf descriptor.")
         ovf = ovfs[0]
-        info = parse_ovf(ovf.read_text(errors="replace"))
+        info = parse_ovf(ovf.read_bytes())
+        name = _ova_name(data.get("name") or "", info["name"])
         for mf in ovf.parent.glob("*.mf"):
             progress.step("Checking the manifest's checksums", 10)
             _check_manifest(ovf.parent, mf)
-        converted = []
-        for i, href in enumerate(info["files"]):
-            path = (ovf.parent / href).resolve()
-            if not path.is_file() or ovf.parent.resolve() not in path.parents:
-                raise ImportRejected(f"The OVF refers to {href}, which is not in the archive.")
-            converted.append(to_qcow2(path, progress, i, len(info["files"])))
-        name = data.get("name") or info["name"]
-        progress.step("Adding the appliance to the library", 85)
-        row = add_appliance(converted, name=name,
-                            description=data.get("description") or f"Imported from {data['filename']}",
-                            min_memory_mb=info["memory_mb"], max_memory_mb=4 * info["memory_mb"],
-                            vcpus=info["vcpus"], source="ova", user_id=data.get("user_id"),
-                            detail=f"OVA {data['filename']}: {info['memory_mb']} MB, {info['vcpus']} vCPU(s), "
-                                   f"{len(converted)} disk(s)")
-        return row.name
+        paths = [_inside(ovf.parent, href, "The OVF refers to") for href in info["files"]]
+        converted = [_to_qcow2(p, p.name, progress, i, len(paths)) for i, p in enumerate(paths)]
+        return _add(progress, converted, name=name,
+                    description=data.get("description") or f"Imported from {data['filename']}",
+                    min_memory_mb=info["memory_mb"], max_memory_mb=4 * info["memory_mb"], vcpus=info["vcpus"],
+                    source="ova", user_id=data.get("user_id"),
+                    detail=f"OVA {data['filename']}: {info['memory_mb']} MB, {info['vcpus']} vCPU(s), "
+                           f"{len(converted)} disk(s)")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
 USER_AGENT = "Corral appliance catalog client"
 DOWNLOAD_ATTEMPTS = 5
+TIMEOUT = (10, 60)  # seconds to connect, seconds of silence while reading
+INDEX_LIMIT = 16 << 20
 
 
-def _http_get(url: str, headers: dict | None = None, timeout: float = 30):
-    req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})})
-    return urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - the manager's configured catalog
+def _get(url: str, headers: dict | None = None) -> requests.Response:
+    """A streamed GET of an http(s) URL; redirects are followed, and requests refuses any to another scheme."""
+    if not catalog.is_web_url(url):
+        raise ImportRejected(f"{url[:80]} is not an http:// or https:// address.")
+    resp = requests.get(url, headers={"User-Agent": USER_AGENT, **(headers or {})}, timeout=TIMEOUT, stream=True)
+    try:
+        resp.raise_for_status()
+    except requests.HTTPError:
+        resp.close()
+        raise
+    return resp
 
 
 @task_job
 def refresh_catalog(progress: Progress) -> str:
-    from .. import catalog
-
     state = catalog.load()
     progress.step(f"Fetching {state['url']}", 20)
     try:
-        with _http_get(state["url"]) as resp:
-            data = resp.read(16 << 20)
+        with _get(state["url"]) as resp:
+            data = resp.raw.read(INDEX_LIMIT, decode_content=True)
         entries = catalog.parse_index(data, state["url"])
-    except (OSError, catalog.CatalogError) as exc:
+    except (requests.RequestException, OSError, ImportRejected, catalog.CatalogError) as exc:
         state["error"] = f"Could not read the catalog: {exc}"
         catalog.save(state)
         raise ImportRejected(state["error"]) from None
@@ -281,53 +253,56 @@ def refresh_catalog(progress: Progress) -> str:
     return str(len(entries))
 
 
+def _fetch_once(url: str, part: Path, size: int, progress: Progress, done_before: int, total: int) -> None:
+    """One transfer into ``part``, resuming (HTTP Range) from what it holds; raises when it ends short."""
+    have = part.stat().st_size if part.exists() else 0
+    with _get(url, {"Range": f"bytes={have}-"} if have else None) as resp:
+        if have and resp.status_code != 206:  # the server ignored Range: start over
+            have = 0
+            part.unlink(missing_ok=True)
+        with part.open("ab") as out:
+            for chunk in resp.iter_content(1 << 20):
+                out.write(chunk)
+                have += len(chunk)
+                progress.bytes(done_before + have, total, pct_from=5, pct_to=75)
+    if have < size:
+        raise requests.ConnectionError(f"the transfer ended at {have} of {size} bytes")
+
+
 def download(url: str, dest: Path, size: int, sha256: str, progress: Progress, done_before: int, total: int) -> None:
-    """Download with resume (HTTP Range) across dropped connections, then verify the sha256."""
+    """Download with resume (HTTP Range) across dropped connections, then verify size and sha256."""
     part = dest.with_suffix(dest.suffix + ".part")
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
-        have = part.stat().st_size if part.exists() else 0
-        if have >= size:
+        if part.exists() and part.stat().st_size >= size:
             break
-        headers = {"Range": f"bytes={have}-"} if have else {}
         try:
-            with _http_get(url, headers) as resp:
-                if have and resp.status != 206:  # the server ignored Range: start over
-                    have = 0
-                    part.unlink(missing_ok=True)
-                with part.open("ab") as out:
-                    while chunk := resp.read(1 << 20):
-                        out.write(chunk)
-                        have += len(chunk)
-                        progress.bytes(done_before + have, total, pct_from=5, pct_to=75)
-            if have < size:
-                raise http.client.IncompleteRead(b"", size - have)
-        except (OSError, http.client.HTTPException) as exc:
+            _fetch_once(url, part, size, progress, done_before, total)
+            break
+        except (requests.RequestException, OSError) as exc:
+            have = part.stat().st_size if part.exists() else 0
+            if attempt == DOWNLOAD_ATTEMPTS:
+                raise ImportRejected(f"{url} could not be downloaded after {DOWNLOAD_ATTEMPTS} attempts "
+                                     f"(last: {exc}).") from None
             progress.log(f"Download of {url} interrupted at {have} bytes ({exc}); resuming "
                          f"(attempt {attempt + 1} of {DOWNLOAD_ATTEMPTS}).")
             time.sleep(min(5, attempt))
-            continue
-    else:
-        raise ImportRejected(f"{url} could not be downloaded after {DOWNLOAD_ATTEMPTS} attempts.")
     if part.stat().st_size != size:
+        part.unlink()  # not worth resuming: a retry starts over
         raise ImportRejected(f"{url} has {part.stat().st_size} bytes, the catalog says {size}.")
-    got = hashlib.sha256()
-    with part.open("rb") as fh:
-        while chunk := fh.read(8 << 20):
-            got.update(chunk)
-    if got.hexdigest() != sha256:
+    got = images.local_sha256(part)
+    if got != sha256:
         part.unlink(missing_ok=True)
-        raise ImportRejected(f"{url} does not match the catalog's sha256 (got {got.hexdigest()[:12]}…).")
+        raise ImportRejected(f"{url} does not match the catalog's sha256 (got {got[:12]}…).")
     part.replace(dest)
 
 
 @task_job
 def download_catalog_entry(progress: Progress, name: str, user_id: int) -> str:
-    from .. import catalog
-
     entry = next((e for e in catalog.load()["entries"] if e["name"] == name), None)
     if entry is None:
         raise ImportRejected(f"The catalog no longer offers {name}.")
-    folder = library.library_dir() / "downloads" / re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    name = _new_name(name)
+    folder = shared_dir("downloads") / re.sub(r"[^A-Za-z0-9._-]", "_", name)
     folder.mkdir(parents=True, exist_ok=True)  # kept across attempts so a retried task resumes
     ok = False
     try:
@@ -340,14 +315,68 @@ def download_catalog_entry(progress: Progress, name: str, user_id: int) -> str:
                 download(d["url"], dest, d["size_bytes"], d["sha256"], progress, done, total)
             done += d["size_bytes"]
             files.append(dest)
-        converted = [to_qcow2(f, progress, i, len(files)) for i, f in enumerate(files)]
-        progress.step("Adding the appliance to the library", 85)
-        add_appliance(converted, name=name, description=entry["description"], min_memory_mb=entry["min_memory_mb"],
-                      max_memory_mb=entry["max_memory_mb"], vcpus=entry["vcpus"], source="catalog",
-                      user_id=user_id, detail="downloaded from the catalog")
+        converted = [_to_qcow2(f, f"disk {i + 1} of {name}", progress, i, len(files)) for i, f in enumerate(files)]
+        result = _add(progress, converted, name=name, description=entry["description"],
+                      min_memory_mb=entry["min_memory_mb"], max_memory_mb=entry["max_memory_mb"],
+                      vcpus=entry["vcpus"], source="catalog", user_id=user_id, detail="downloaded from the catalog")
         ok = True
-        return name
+        return result
     finally:
         # Keep partial downloads of an interrupted transfer for the next attempt; drop everything else.
         if ok or not any(folder.glob("*.part")):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _copy_to_library(progress: Progress, vm: VM, server, images_by_position: list[tuple[int, str]], *,
+                     name: str, user_id: int, description: str, detail: str) -> str:
+    """Flatten server images (each with its backing chain) on ``server``, fetch them, add a new appliance
+    sized like the VM."""
+    src: Appliance | None = vm.appliance
+    folder = library.new_work_dir("copy-back")
+    try:
+        fetched = []
+        with servers.session_for(server) as session:
+            for i, (position, path) in enumerate(images_by_position):
+                progress.step(f"Flattening and fetching disk {position} from {server.hostname}",
+                              10 + 70 * i // len(images_by_position))
+                local = folder / f"disk{position}.qcow2"
+                images.flatten(session, path, local, lambda n, t: progress.bytes(n, t))
+                fetched.append(local)
+        return _add(progress, fetched, name=name, description=description,
+                    min_memory_mb=src.min_memory_mb if src else min(128, vm.memory_mb),
+                    max_memory_mb=src.max_memory_mb if src else max(vm.memory_mb, 4096), vcpus=vm.vcpus,
+                    os_hint=src.os_hint if src else None, source="copy", user_id=user_id, detail=detail)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@task_job
+def copy_back(progress: Progress, vm_id: int, name: str, user_id: int) -> str:
+    """Flatten each of a VM's disks on its server, fetch them, and add them as a new appliance."""
+    vm = db.session.get(VM, vm_id)
+    if vm is None:
+        raise LookupError("the VM was deleted meanwhile")
+    name = _new_name(name)
+    return _copy_to_library(progress, vm, vm.server, [(vd.position, vd.path) for vd in vm.vdisks], name=name,
+                            user_id=user_id, description=f"Copied back from VM {vm.name} (VMID {vm.vmid})",
+                            detail=f"copied back from {vm.name}")
+
+
+@task_job
+def copy_backup(progress: Progress, vm_id: int, backup_id: int, name: str, user_id: int) -> str:
+    """A backup becomes a new appliance: every file of its chain checked (sha256), then each disk flattened
+    (an incremental backup reads through the backups it builds on) and fetched."""
+    vm = db.session.get(VM, vm_id)
+    backup = db.session.get(Backup, backup_id)
+    if vm is None or backup is None or backup.vm_id != vm.id:
+        raise LookupError("the VM or its backup was deleted meanwhile")
+    name = _new_name(name)
+    backups.check_copy(backup)
+    files = [f for b in backups.chain(backup) for f in b.files]
+    with servers.session_for(backup.server) as session:
+        for i, f in enumerate(files):
+            progress.step(f"Checking {f.path} (sha256)", 2 + 8 * i // len(files))
+            vmm_backup.verify(session, f.path, f.sha256)
+    return _copy_to_library(progress, vm, backup.server, [(f.position, f.path) for f in backup.files], name=name,
+                            user_id=user_id, description=f"From {backups.describe(backup)}",
+                            detail=f"copied from backup {backup.id} of {vm.name}")

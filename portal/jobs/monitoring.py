@@ -9,8 +9,8 @@ from datetime import timedelta
 from flask import current_app
 from rq.registry import ScheduledJobRegistry
 
-from .. import monitoring
-from ..extensions import queues
+from .. import backups, livesync_watch, metering, metrics, monitoring, rebalance, tasks
+from ..extensions import db, queues
 from . import get_app
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,30 @@ def ensure_poll_scheduled() -> bool:
 
 
 def poll_servers(reschedule: bool = True) -> int:
-    """Poll every server once, compact old graph samples, schedule the next poll."""
+    """Poll every server once, compact old graph samples, schedule the next poll.
+
+    The job is the edge: what the poll recorded and the compaction are one commit.
+    """
     app = get_app()
     with app.app_context():
         try:
+            started = time.monotonic()
             outcomes = monitoring.poll_all()
             monitoring.compact_samples()
+            metering.aggregate()
+            due = backups.submit_due() + rebalance.auto_step()
+            db.session.commit()
+            for sub in due:
+                try:
+                    tasks.enqueue(sub)
+                except tasks.QueueUnavailable:
+                    log.warning("task %s (%s) could not be queued", sub.task.id, sub.task.title)
+                db.session.commit()
+            try:
+                livesync_watch.poll_once(app)
+            except Exception:  # the poll's own work is done and committed; LiveSync is looked at again next time
+                log.exception("LiveSync round of the poll failed")
+            metrics.observe_poll(time.monotonic() - started)
             log.info("polled %d server(s)", len(outcomes))
             return len(outcomes)
         finally:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from flask import current_app
-
-from .. import secrets_relay, servers
+from .. import library, secrets_relay, servers
 from ..extensions import db
 from ..models import Server
 from ..vmm import appliance, detect, facts
@@ -15,17 +12,12 @@ from ..vmm.session import Target, fetch_host_key, install_key, open_session, pin
 from . import Progress, task_job
 
 
-def appliance_cache() -> Path:
-    configured = current_app.config.get("APPLIANCE_CACHE")
-    return Path(configured) if configured else appliance.DEFAULT_CACHE_DIR
-
-
 def _detect(session, progress: Progress) -> str:
     progress.step("Checking whether guests run under KVM (booting a test guest)", 60)
-    if session.target.transport == "test" or not detect.offers_kvm(session):
+    if not detect.offers_kvm(session):
         progress.log("libvirt offers no KVM domains here: guests run under QEMU (TCG).")
         return "qemu"
-    image = appliance.build_appliance(appliance_cache())
+    image = appliance.build_appliance(library.appliance_cache())
     result = detect.detect_domain_type(session, image)
     progress.log("A guest booted under KVM." if result == "kvm" else
                  "KVM is offered but a guest does not run under it: guests run under QEMU (TCG).")

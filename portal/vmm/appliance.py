@@ -58,7 +58,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +76,6 @@ __all__ = [
     "ApplianceError",
     "build_appliance",
     "build_iso",
-    "detect_domain_type",
     "parse_serial_log",
     "read_disk_heartbeat",
 ]
@@ -155,11 +153,13 @@ for m in $(cat /etc/corral/modules); do insmod "/lib/modules/$m" 2>/dev/null; do
 
 name=""
 ip=""
+interval=@HEARTBEAT_INTERVAL_S@
 oem="$(cat /sys/firmware/dmi/entries/11-*/raw 2>/dev/null | strings -n 3 | grep '^corral\.')"
 for arg in $(cat /proc/cmdline) $oem; do
   case "$arg" in
     corral.name=*) name="${arg#corral.name=}" ;;
     corral.ip=*) ip="${arg#corral.ip=}" ;;
+    corral.interval=*) interval="${arg#corral.interval=}" ;;
   esac
 done
 uuid="$(cat /sys/class/dmi/id/product_uuid 2>/dev/null)"
@@ -221,7 +221,7 @@ while [ ! -e /tmp/corral-shutdown ]; do
     printf '@HEARTBEAT_MARKER@ %d %s\n' "$n" "$name" | dd of="$disk" bs=@SECTOR_SIZE@ seek=@HEARTBEAT_SECTOR@ count=1 conv=sync,notrunc,fsync 2>/dev/null
   fi
   echo "@HEARTBEAT_MARKER@ $n"
-  sleep @HEARTBEAT_INTERVAL_S@
+  [ "$interval" = 0 ] || sleep "$interval"
 done
 echo "@SHUTDOWN_MARKER@ $name $n"
 sync
@@ -668,90 +668,6 @@ def read_disk_heartbeat(image: Path, fmt: str | None = None) -> int | None:
 
 
 # --------------------------------------------------------------------------
-# KVM detection
-# --------------------------------------------------------------------------
-
-_DETECT_CACHE_NAME = "domain-type.json"
-
-
-def _detect_key() -> str:
-    h = hashlib.sha256()
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    h.update(flags.encode())
-    h.update(os.uname().release.encode())
-    qemu = shutil.which("qemu-system-x86_64") or ""
-    if qemu:
-        st = os.stat(qemu)
-        h.update(f"{qemu}:{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update(b"kvm" if os.path.exists("/dev/kvm") else b"nokvm")
-    return h.hexdigest()[:16]
-
-
-def boot_once(disk: Path, *, accel: str, timeout: float = 20.0) -> bool:
-    """Boot *disk* (snapshot mode) with plain QEMU; True if READY is seen in time."""
-    with tempfile.TemporaryDirectory(prefix="corral-detect-") as tmp:
-        log = Path(tmp) / "serial.log"
-        argv = ["qemu-system-x86_64", "-accel", accel, "-m", "256", "-nodefaults",
-                "-display", "none", "-no-user-config", "-snapshot",
-                "-drive", f"file={disk},if=virtio,format=qcow2",
-                "-serial", f"file:{log}", "-no-reboot"]
-        errlog = Path(tmp) / "stderr.log"
-        with open(errlog, "wb") as err:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=err)
-        deadline = time.monotonic() + timeout
-        ok = False
-        try:
-            while time.monotonic() < deadline and proc.poll() is None:
-                if log.is_file() and parse_serial_log(log.read_text(errors="replace")).heartbeats:
-                    ok = True
-                    break
-                # A nested /dev/kvm without VT-x/SVM stops the guest at once.
-                if "KVM internal error" in errlog.read_text(errors="replace"):
-                    break
-                time.sleep(0.2)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-        return ok
-
-
-def detect_domain_type(cache_dir: Path | None = None, *, timeout: float = 20.0) -> str:
-    """Return ``"kvm"`` if a guest really boots under KVM here, else ``"qemu"``.
-
-    ``/dev/kvm`` existing is not enough (nested devices without VT-x/SVM stop
-    guests with ``KVM internal error``): the appliance is booted once with
-    ``-accel kvm`` and must print a heartbeat within *timeout* seconds.  The
-    answer is cached in *cache_dir* keyed by CPU flags, kernel and QEMU binary.
-    ``CORRAL_DOMAIN_TYPE`` (kvm|qemu) overrides.
-    """
-    forced = os.environ.get("CORRAL_DOMAIN_TYPE")
-    if forced in ("kvm", "qemu"):
-        return forced
-    cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
-    key = _detect_key()
-    cache_file = cache_dir / _DETECT_CACHE_NAME
-    with contextlib.suppress(OSError, ValueError):
-        cached = json.loads(cache_file.read_text())
-        if cached.get("key") == key and cached.get("domain_type") in ("kvm", "qemu"):
-            return str(cached["domain_type"])
-    result = "qemu"
-    if os.access("/dev/kvm", os.R_OK | os.W_OK):
-        disk = build_appliance(cache_dir)
-        result = "kvm" if boot_once(disk, accel="kvm", timeout=timeout) else "qemu"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "domain_type": result}) + "\n")
-    os.replace(tmp, cache_file)
-    return result
-
-
-# --------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------
 
@@ -767,7 +683,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.detect:
-            print(detect_domain_type(args.cache))
+            from .detect import local_domain_type  # noqa: PLC0415 (detect imports this module)
+
+            print(local_domain_type(args.cache))
         elif args.iso:
             print(build_iso(args.cache))
         else:

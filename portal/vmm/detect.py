@@ -4,19 +4,25 @@
 SeaBIOS start and then stops the guest with ``KVM internal error``. So the
 test appliance is copied to the server and booted once with ``-accel kvm``;
 a heartbeat on its serial console means KVM works, anything else means TCG
-(libvirt domain type ``qemu``).
+(libvirt domain type ``qemu``). One function does it for every server, this
+machine included (through a local session).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
 import shlex
+import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .appliance import HEARTBEAT_MARKER
-from .session import HostSession
+from .appliance import DEFAULT_CACHE_DIR, HEARTBEAT_MARKER, build_appliance
+from .session import HostSession, LocalSession, Target
 
-REMOTE_DIR = "/var/tmp/corral-detect"
+_CACHE_NAME = "domain-type.json"
 
 
 def offers_kvm(session: HostSession) -> bool:
@@ -25,11 +31,15 @@ def offers_kvm(session: HostSession) -> bool:
 
 
 def detect_domain_type(session: HostSession, appliance: Path, *, timeout: float = 20.0) -> str:
-    """``"kvm"`` when the appliance boots under KVM on the server, else ``"qemu"``."""
-    if session.target.transport == "test" or not offers_kvm(session):
+    """``"kvm"`` when the appliance boots under KVM on the server, else ``"qemu"``.
+
+    Needs no libvirt: callers that talk to libvirt ask :func:`offers_kvm` first.
+    """
+    if not session.run(["test", "-r", "/dev/kvm", "-a", "-w", "/dev/kvm"], check=False).ok:
         return "qemu"
-    disk, log, err = f"{REMOTE_DIR}/disk.qcow2", f"{REMOTE_DIR}/serial.log", f"{REMOTE_DIR}/stderr.log"
-    session.run(["mkdir", "-p", REMOTE_DIR])
+    # A directory of its own: two detections on one server must not share files.
+    work = session.run(["mktemp", "-d", "/var/tmp/corral-detect.XXXXXX"]).stdout.strip()
+    disk, log, err = f"{work}/disk.qcow2", f"{work}/serial.log", f"{work}/stderr.log"
     try:
         session.put(appliance, disk)
         qemu = shlex.join(["qemu-system-x86_64", "-accel", "kvm", "-m", "256", "-nodefaults", "-display", "none",
@@ -47,4 +57,48 @@ def detect_domain_type(session: HostSession, appliance: Path, *, timeout: float 
         out = session.run(["sh", "-c", script], timeout=timeout + 15).stdout.strip().splitlines()
         return "kvm" if out and out[-1] == "kvm" else "qemu"
     finally:
-        session.run(["rm", "-rf", REMOTE_DIR], check=False)
+        session.run(["rm", "-rf", "--", work], check=False)
+
+
+def local_domain_type(cache_dir: Path | None = None, *, timeout: float = 20.0) -> str:
+    """:func:`detect_domain_type` for this machine, remembered in *cache_dir*.
+
+    The answer is kept keyed by CPU flags, kernel and QEMU binary, so a
+    machine boots the test guest once. ``CORRAL_DOMAIN_TYPE`` (kvm|qemu) overrides.
+    """
+    forced = os.environ.get("CORRAL_DOMAIN_TYPE")
+    if forced in ("kvm", "qemu"):
+        return forced
+    cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    key = _machine_key()
+    cache_file = cache_dir / _CACHE_NAME
+    with contextlib.suppress(OSError, ValueError):
+        cached = json.loads(cache_file.read_text())
+        if cached.get("key") == key and cached.get("domain_type") in ("kvm", "qemu"):
+            return str(cached["domain_type"])
+    result = "qemu"
+    if os.access("/dev/kvm", os.R_OK | os.W_OK):
+        with LocalSession(Target("localhost", "127.0.0.1", transport="local")) as session:
+            result = detect_domain_type(session, build_appliance(cache_dir), timeout=timeout)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "domain_type": result}) + "\n")
+    os.replace(tmp, cache_file)
+    return result
+
+
+def _machine_key() -> str:
+    h = hashlib.sha256()
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    h.update(flags.encode())
+    h.update(os.uname().release.encode())
+    qemu = shutil.which("qemu-system-x86_64") or ""
+    if qemu:
+        st = os.stat(qemu)
+        h.update(f"{qemu}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(b"kvm" if os.path.exists("/dev/kvm") else b"nokvm")
+    return h.hexdigest()[:16]

@@ -3,7 +3,9 @@
 :class:`EventHub` runs libvirt's default event loop in one thread, keeps a
 connection per server with a lifecycle callback and keep-alives, notices
 closed connections, and hands every event to the caller as a plain
-:class:`DomainEvent` through a thread-safe queue.
+:class:`DomainEvent` through a thread-safe queue. :meth:`EventHub.domains`
+lists a watched server's domains over the same connection, so the caller
+never touches libvirt.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 
 import libvirt
 
-from .errors import LibvirtUnavailable
+from .domains import DomainState, list_domains
+from .errors import LibvirtUnavailable, VmmError
 from .loop import ensure_event_loop
 from .session import Target, connect_libvirt
 
@@ -24,16 +27,23 @@ log = logging.getLogger(__name__)
 
 # lifecycle event -> the state the domain is in afterwards
 EVENT_STATE = {
-    libvirt.VIR_DOMAIN_EVENT_DEFINED: "shutoff",
-    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
-    libvirt.VIR_DOMAIN_EVENT_STARTED: "running",
-    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "paused",
-    libvirt.VIR_DOMAIN_EVENT_RESUMED: "running",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED: "shutoff",
-    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "shutdown",
-    libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "pmsuspended",
-    libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_EVENT_DEFINED: DomainState.SHUTOFF,
+    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: DomainState.UNDEFINED,
+    libvirt.VIR_DOMAIN_EVENT_STARTED: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: DomainState.PAUSED,
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: DomainState.SHUTOFF,
+    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: DomainState.SHUTDOWN,
+    libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: DomainState.PMSUSPENDED,
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: DomainState.CRASHED,
 }
+
+
+def event_state(event: int, detail: int) -> DomainState:
+    """The state a lifecycle event leaves the domain in (a managed save is ``saved``)."""
+    if event == libvirt.VIR_DOMAIN_EVENT_STOPPED and detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED:
+        return DomainState.SAVED
+    return EVENT_STATE.get(event, DomainState.UNKNOWN)
 
 
 @dataclass(frozen=True)
@@ -41,8 +51,27 @@ class DomainEvent:
     key: int  # the caller's id for the server
     domain: str
     uuid: str
-    state: str  # running, paused, shutoff, saved, crashed, shutdown, undefined, ...
+    state: DomainState
     at: float
+
+
+@dataclass(frozen=True)
+class BlockJobEvent:
+    """A block job (e.g. LiveSync's mirror) of a domain changed: completed, failed, cancelled or ready."""
+
+    key: int
+    domain: str
+    dev: str
+    status: str  # "completed", "failed", "cancelled", "ready"
+    at: float
+
+
+BLOCK_JOB_STATUS = {
+    libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED: "completed",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED: "failed",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED: "cancelled",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_READY: "ready",
+}
 
 
 @dataclass(frozen=True)
@@ -68,6 +97,22 @@ class EventHub:
         with self._lock:
             return self._conns.get(key)
 
+    def domains(self, key: int) -> list[dict] | None:
+        """The watched server's domains (as :func:`~portal.vmm.domains.list_domains`);
+        None when it is not watched. A connection that fails while listing is a VmmError."""
+        conn = self.connection(key)
+        if conn is None:
+            return None
+        try:
+            return list_domains(conn)
+        except libvirt.libvirtError as exc:
+            raise VmmError(f"listing domains on {self._name(key)} failed: {exc.get_error_message()}") from exc
+
+    def _name(self, key: int) -> str:
+        with self._lock:
+            target = self._targets.get(key)
+        return target.hostname if target is not None else f"server {key}"
+
     def watch(self, key: int, target: Target) -> bool:
         """Connect and subscribe; False (and a ConnectionEvent) when the server does not answer."""
         try:
@@ -78,13 +123,10 @@ class EventHub:
         try:
             conn.setKeepAlive(5, 3)
         except libvirt.libvirtError:
-            pass  # the test driver has no keep-alive
+            pass  # a connection without keep-alive support is still watched (close callback, prune_dead)
 
         def on_lifecycle(_conn, dom, event, detail, _opaque):
-            state = EVENT_STATE.get(event, "unknown")
-            if event == libvirt.VIR_DOMAIN_EVENT_STOPPED and detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED:
-                state = "saved"
-            self.events.put(DomainEvent(key, dom.name(), dom.UUIDString(), state, time.time()))
+            self.events.put(DomainEvent(key, dom.name(), dom.UUIDString(), event_state(event, detail), time.time()))
 
         def on_close(_conn, reason, _opaque):
             self.events.put(ConnectionEvent(key, False, f"connection closed (reason {reason})"))
@@ -92,7 +134,12 @@ class EventHub:
                 if self._conns.get(key) is _conn:
                     del self._conns[key]
 
+        def on_block_job(_conn, dom, disk, _type, status, _opaque):
+            self.events.put(BlockJobEvent(key, dom.name(), disk, BLOCK_JOB_STATUS.get(status, str(status)),
+                                          time.time()))
+
         conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle, None)
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, on_block_job, None)
         try:
             conn.registerCloseCallback(on_close, None)
         except libvirt.libvirtError:
@@ -133,8 +180,8 @@ class EventHub:
 
 
 def _close(conn: libvirt.virConnect) -> None:
+    """Close a watched connection; its event callbacks go with it."""
     try:
-        conn.domainEventDeregisterAny  # noqa: B018 - callbacks go with the connection
         conn.close()
     except libvirt.libvirtError:
         pass

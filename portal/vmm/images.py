@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import posixpath
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,14 +56,10 @@ def local_sha256(path: Path, progress: Progress | None = None) -> str:
     return h.hexdigest()
 
 
-def remote_sha256(session: HostSession, path: str) -> str:
-    return session.run(["sha256sum", path], timeout=3600).stdout.split()[0]
-
-
 def copy_in(session: HostSession, local: Path, remote: str, *, sha256: str | None,
             progress: Progress | None = None) -> None:
-    """Copy a file to the server (to ``remote.part`` first), verify its checksum, move it into place."""
-    part = remote + ".part"
+    """Copy a file to the server (to a part file beside it first), verify its checksum, move it into place."""
+    part = f"{remote}.part-{secrets.token_hex(4)}"  # one per copy: jobs may copy the same file at once
     session.run(["mkdir", "-p", posixpath.dirname(remote)])
     try:
         got = session.put_verified(local, part, progress)
@@ -104,10 +100,36 @@ def remove_tree(session: HostSession, path: str, *, under: str) -> None:
     session.run(["rm", "-rf", "--one-file-system", norm], timeout=600)
 
 
-def flock_argv(lock: str, argv: list[str]) -> list[str]:
-    """``argv`` run under an exclusive lock file on the server (for shared bases)."""
-    return ["flock", "-w", "3600", lock, *argv]
+def cached_copy(session: HostSession, local: Path, remote: str, *, sha256: str | None,
+                progress: Progress | None = None) -> bool:
+    """Copy a file that VMs share (a clone base, an ISO) to the server once; False when it was there.
+
+    Two jobs copying the same file at once each write their own part file
+    and move it into place atomically, so neither sees half a file. The copy
+    is made read-only: VMs only ever read it (clones write to their overlays).
+    """
+    if exists(session, remote):
+        return False
+    copy_in(session, local, remote, sha256=sha256, progress=progress)
+    session.run(["chmod", "0444", remote])
+    return True
 
 
-def file_size(path: Path) -> int:
-    return os.stat(path).st_size
+def remove_cached(session: HostSession, paths: list[str]) -> None:
+    """Remove cached shared files (and lock files older versions left beside them); missing ones are fine."""
+    if paths:
+        session.run(["rm", "-f", "--", *paths, *(p + ".lock" for p in paths)], check=False)
+
+
+def flatten(session: HostSession, src: str, dst: Path, progress: Progress | None = None) -> None:
+    """Fetch a self-contained qcow2 copy of the server's image ``src`` (and its backing chain) to local ``dst``.
+
+    The flat copy is made on the server beside ``src`` (the server reads its
+    own backing files), fetched, and removed whatever happens.
+    """
+    flat = f"{src}.flat-{secrets.token_hex(4)}"
+    try:
+        session.run(["qemu-img", "convert", "-O", "qcow2", src, flat], timeout=6 * 3600)
+        session.get(flat, dst, progress)
+    finally:
+        session.run(["rm", "-f", "--", flat], check=False)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from collections.abc import Iterator
@@ -41,6 +42,10 @@ def bed_unavailable_reason() -> str | None:
 # tests/bed/conftest.py both importing it): share one bed between them.
 _active: list[Bed] = []
 
+# One bed per machine: test sessions (and benchmarks run under
+# `flock /tmp/corral-bed.lock`) that want it wait for each other here.
+BED_LOCK = "/tmp/corral-bed.lock"
+
 
 @pytest.fixture(scope="session")
 def bed() -> Iterator[Bed]:
@@ -54,16 +59,21 @@ def bed() -> Iterator[Bed]:
         finally:
             _active.pop()
         return
-    the_bed = Bed()
-    n = int(os.environ.get("CORRAL_BED_SERVERS", "2"))
-    the_bed.up(n=n, clean=True)
-    _active.append(the_bed)
+    lock = open(BED_LOCK, "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-        yield the_bed
+        the_bed = Bed()
+        n = int(os.environ.get("CORRAL_BED_SERVERS", "2"))
+        the_bed.up(n=n, clean=True)
+        _active.append(the_bed)
+        try:
+            yield the_bed
+        finally:
+            _active.pop()
+            if os.environ.get("CORRAL_BED_KEEP") != "1":
+                the_bed.down()
     finally:
-        _active.pop()
-        if os.environ.get("CORRAL_BED_KEEP") != "1":
-            the_bed.down()
+        lock.close()
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,9 @@ if TYPE_CHECKING:
 
 def detect_domain_type(cache_dir: Path) -> str:
     """``"kvm"`` if guests really run under KVM here, else ``"qemu"`` (cached)."""
-    return str(appliance.detect_domain_type(Path(cache_dir)))
+    from portal.vmm.detect import local_domain_type  # noqa: PLC0415 (needs the portal's deps)
+
+    return local_domain_type(Path(cache_dir))
 
 
 def serial_log_path(domain: str) -> str:

@@ -259,7 +259,7 @@ def test_down_leaves_nothing(bed: Bed) -> None:
         assert not _link_exists(BRIDGE)
         assert not bed_processes()
         procs = _run(["ps", "-eo", "args"]).stdout
-        assert str(bed.state_dir) not in procs  # no sshd -f <state>/..., no libvirtd of ours
+        assert f"{bed.state_dir}/" not in procs  # no sshd -f <state>/..., no libvirtd of ours
         assert "sleep infinity" not in procs or not any(
             Path(f"/proc/{p}/cmdline").exists() for p in bed_processes())
         mounts = Path("/proc/self/mountinfo").read_text()

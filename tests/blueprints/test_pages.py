@@ -12,7 +12,7 @@ HX = {"HX-Request": "true"}
 
 
 def as_user(app, client, username, role=Role.MANAGER, **kw):
-    app.config["WTF_CSRF_ENABLED"] = False
+    app.config["TEST_CLIENT_SENDS_CSRF"] = True
     with app.app_context():
         user = make_user(username, role, **kw)
         uid = user.id

@@ -16,7 +16,7 @@ from portal.extensions import db, queues
 from portal.jobs.accounts import export_actionlog
 from portal.models import Task, utcnow
 from tests.checks.conftest import run_plugin
-from tests.conftest import free_port, make_task, make_user
+from tests.conftest import free_port, make_task, make_user, start_task
 
 pytestmark = pytest.mark.usefixtures("no_poll")
 
@@ -40,8 +40,9 @@ def wait_for_worker(app, timeout: float = 30) -> None:
 def _queued_tasks(app, n: int) -> list[int]:
     with app.app_context():
         user = make_user("pat")
-        return [tasks.submit("export-actionlog", export_actionlog, title=f"export {i}", requester_id=user.id,
-                             key=f"export:{i}", args=(user.id,)).task.id for i in range(n)]
+        return [start_task(tasks.submit("export-actionlog", export_actionlog, title=f"export {i}",
+                                        requester_id=user.id, key=f"export:{i}", args=(user.id,))).task.id
+                for i in range(n)]
 
 
 def _finished_task(state: str, ago: timedelta) -> None:

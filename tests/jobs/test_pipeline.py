@@ -12,7 +12,8 @@ from portal import tasks
 from portal.extensions import db, queues
 from portal.jobs.accounts import export_actionlog
 from portal.models import ActionLog, Task, TaskState, User
-from tests.conftest import make_user, run_worker_burst
+from portal.shared import shared_dir
+from tests.conftest import make_user, run_worker_burst, start_task
 
 
 def _seed_log(user, n: int) -> None:
@@ -21,9 +22,13 @@ def _seed_log(user, n: int) -> None:
     db.session.commit()
 
 
-def _submit(user):
+def _record(user):
     return tasks.submit("export-actionlog", export_actionlog, title="export", requester_id=user.id,
                         key=f"export-actionlog:{user.id}:own", args=(user.id,))
+
+
+def _submit(user):
+    return start_task(_record(user))
 
 
 def test_worker_process_runs_a_multi_step_task_to_completion(app):
@@ -47,7 +52,7 @@ def test_worker_process_runs_a_multi_step_task_to_completion(app):
         assert "1201 entries to export" in task.log  # 1200 seeded + the submission itself
         job = Job.fetch(task.job_id, connection=queues.redis)
         assert job.meta["step"] == "Checksumming" and job.meta["pct"] == 92
-        path = app.instance_path + "/exports/" + task.result
+        path = str(shared_dir("exports") / task.result)
         rows = list(csv.reader(io.StringIO(open_text(path))))
         assert len(rows) == 1 + 1201  # header + only the user's own entries
         assert {r[1] for r in rows[1:]} == {"pat"}
@@ -189,6 +194,19 @@ def test_task_whose_worker_died_is_reconciled_as_failed(app):
         assert task.state == "failed" and "stopped before it finished" in task.error
 
 
+def test_submit_records_without_committing(app):
+    """The edge decides: a view that rolls back after submit leaves no task, no log row, no job."""
+    with app.app_context():
+        user = make_user("pat")
+        sub = _record(user)
+        assert sub.created and sub.task.id is not None
+        db.session.rollback()
+        assert db.session.execute(db.select(db.func.count(Task.id))).scalar_one() == 0
+        assert db.session.execute(db.select(db.func.count(ActionLog.id))
+                                  .where(ActionLog.action == "task:export-actionlog")).scalar_one() == 0
+        assert queues.queue().count == 0
+
+
 def test_queue_down_marks_task_failed_and_says_so(app):
     app.config["REDIS_URL"] = "redis://127.0.0.1:1/0"
     with app.app_context():
@@ -196,7 +214,7 @@ def test_queue_down_marks_task_failed_and_says_so(app):
         try:
             _submit(user)
         except tasks.QueueUnavailable:
-            pass
+            db.session.commit()  # the edge records the failure
         else:
             raise AssertionError("expected QueueUnavailable")
         task = db.session.execute(db.select(Task)).scalar_one()

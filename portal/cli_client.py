@@ -1,0 +1,299 @@
+"""``corral-cli``: the operators' Rocks-style verbs over the JSON API v1 of a (remote) portal.
+
+Configured by ``CORRAL_URL`` and ``CORRAL_TOKEN``, or ``~/.config/corral/config``::
+
+    [corral]
+    url = https://corral.example.org
+    token = corral_…
+
+Verbs (``corral-cli --help``)::
+
+    list host
+    list host vm [HOST] [status=y]
+    set host vm NAME [mem=MB] [cpus=N] [disksize=GB]
+    start|stop|shutdown|reboot|pause|resume|save|restore host vm NAME
+    move host vm NAME TARGET
+    remove host vm NAME
+    list network
+    list vmkey APPLIANCE
+    add vmkey APPLIANCE KEY [KEY ...]
+
+Tables are aligned like Rocks' listings; ``--json`` prints the API's documents. Long operations
+show a progress bar and wait for their task (``--no-wait``: print it and return).
+
+Exit codes: 0 done; 1 refused by the portal (state, permission, validation); 2 usage;
+3 the task failed or was cancelled; 4 no or bad configuration/token; 5 portal unreachable or broken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import json
+import os
+import sys
+from pathlib import Path
+
+import requests
+
+OK, REFUSED, USAGE, TASK_FAILED, AUTH, UNREACHABLE = 0, 1, 2, 3, 4, 5
+# Rocks verb -> the portal's power action (Rocks' "stop" pulls the plug; "shutdown" asks the guest).
+POWER_VERBS = {"start": "start", "stop": "poweroff", "shutdown": "shutdown", "reboot": "reboot", "pause": "pause",
+               "resume": "resume", "save": "save", "restore": "restore"}
+USAGE_TEXT = """corral-cli [--json] [--no-wait] VERB ...
+  list host
+  list host vm [HOST] [status=y]
+  set host vm NAME [mem=MB] [cpus=N] [disksize=GB]
+  start|stop|shutdown|reboot|pause|resume|save|restore host vm NAME
+  move host vm NAME TARGET      (TARGET: a server's hostname, or its id)
+  remove host vm NAME
+  list network
+  list vmkey APPLIANCE          (APPLIANCE: its name, or its id)
+  add vmkey APPLIANCE KEY [KEY ...]"""
+
+
+class CliError(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "corral" / "config"
+
+
+def load_config(url: str | None, token: str | None) -> tuple[str, str]:
+    parser = configparser.ConfigParser()
+    parser.read(config_path())
+    section = parser["corral"] if parser.has_section("corral") else {}
+    url = url or os.environ.get("CORRAL_URL") or section.get("url")
+    token = token or os.environ.get("CORRAL_TOKEN") or section.get("token")
+    if not url or not token:
+        raise CliError(AUTH, f"Set CORRAL_URL and CORRAL_TOKEN, or url and token under [corral] in {config_path()} "
+                             "(a token comes from the portal's Account page).")
+    return url.rstrip("/"), token
+
+
+class Client:
+    def __init__(self, url: str, token: str, timeout: float = 60):
+        self.base = f"{url}/api/v1"
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {token}"
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: dict | None = None, **params) -> dict:
+        try:
+            resp = self.session.request(method, self.base + path, json=body, params=params or None,
+                                        timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise CliError(UNREACHABLE, f"Cannot reach the portal at {self.base}: {exc}") from exc
+        try:
+            data = resp.json()
+        except ValueError:
+            raise CliError(UNREACHABLE, f"The portal answered {resp.status_code} without JSON.") from None
+        if resp.status_code >= 400:
+            err = data.get("error", {}) if isinstance(data, dict) else {}
+            message = err.get("message", resp.reason)
+            if err.get("fields"):
+                message += " (" + "; ".join(f"{k}: {', '.join(v)}" for k, v in err["fields"].items()) + ")"
+            code = AUTH if resp.status_code == 401 else UNREACHABLE if resp.status_code >= 500 else REFUSED
+            raise CliError(code, f"{message} [{err.get('code', resp.status_code)}]")
+        return data
+
+    def all(self, path: str, **params) -> list[dict]:
+        items, cursor = [], None
+        while True:
+            page = self.call("GET", path, limit=200, **params, **({"cursor": cursor} if cursor else {}))
+            items += page["items"]
+            cursor = page["next_cursor"]
+            if not cursor:
+                return items
+
+    def vm(self, name: str) -> dict:
+        found = [v for v in self.all("/vms", q=name) if v["name"].lower() == name.lower()]
+        if not found:
+            raise CliError(REFUSED, f"No VM called {name} that you may see.")
+        return found[0]
+
+    def appliance(self, name: str) -> dict:
+        if name.isdigit():
+            return {"id": int(name), "name": name}
+        found = [a for a in self.all("/library/appliances") if a["name"] == name]
+        if not found:
+            raise CliError(REFUSED, f"No appliance called {name}.")
+        return found[0]
+
+    def server(self, hostname: str) -> dict:
+        """A server by hostname (listing servers is the managers'); others may name it by its id."""
+        if hostname.isdigit():
+            return {"id": int(hostname), "hostname": hostname}
+        found = [s for s in self.all("/servers") if s["hostname"] == hostname]
+        if not found:
+            raise CliError(REFUSED, f"No VM server called {hostname}.")
+        return found[0]
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """Columns left-aligned to their widest cell, one space apart, like Rocks' listings."""
+    cells = [header] + [["-----" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join(" ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def host_table(servers: list[dict]) -> str:
+    return table(["HOST", "STATUS", "CPUS", "MEM", "FREE-MEM", "VMS", "ADDRESS"],
+                 [[f"{s['hostname']}:", s["status"], s["cpus"], s["memory_mb"], s["free_memory_mb"], s["vm_count"],
+                   s["address"]] for s in servers])
+
+
+def vm_table(vms: list[dict], status: bool) -> str:
+    header = ["VM-HOST", "VMID", "MEM", "CPUS", "DISK", "MAC", "HOST"] + (["STATUS"] if status else [])
+    rows = []
+    for v in vms:
+        macs = v["macs"] or [None]
+        rows.append([f"{v['name']}:", v["vmid"], v["memory_mb"], v["vcpus"], v["disk_gb"], macs[0], v["server"]]
+                    + ([v["state"]] if status else []))
+        rows += [[f"{v['name']}:", None, None, None, None, mac, None] + ([None] if status else []) for mac in macs[1:]]
+    return table(header, rows)
+
+
+def network_table(nets: list[dict]) -> str:
+    return table(["NETWORK", "KIND", "VLAN", "SUBNET", "UPLINK", "VMS"],
+                 [[f"{n['name']}:", n["kind"], n["vlan"], n["cidr"], n["uplink"], len(n["vms"])] for n in nets])
+
+
+def key_table(pool: dict) -> str:
+    return table(["KEY", "VM"], [[k["key"], k["vm"]] for k in pool["keys"]])
+
+
+def options(words: list[str], allowed: set[str]) -> tuple[list[str], dict[str, str]]:
+    plain, kv = [], {}
+    for w in words:
+        if "=" in w:
+            key, _, value = w.partition("=")
+            if key not in allowed:
+                raise CliError(USAGE, f"Unknown option {key}= (known: {', '.join(sorted(allowed)) or 'none'}).")
+            kv[key] = value
+        else:
+            plain.append(w)
+    return plain, kv
+
+
+def whole(value: str, name: str) -> int:
+    if not value.isdigit():
+        raise CliError(USAGE, f"{name}= takes a whole number, not {value!r}.")
+    return int(value)
+
+
+def wait_for(client: Client, accepted: dict, *, show: bool) -> dict:
+    """Follow a task to its end (long-polling), with a progress bar on a terminal."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    task = accepted["task"]
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TextColumn("{task.fields[step]}"), TimeElapsedColumn(), console=console,
+                  disable=not (show and console.is_terminal)) as bar:
+        row = bar.add_task(task["title"], total=100, step="")
+        while task["state"] in ("queued", "running"):
+            task = client.call("GET", f"/tasks/{task['id']}", wait=10)
+            bar.update(row, completed=task["pct"] or 0, step=task["step"] or task["state"])
+    return task
+
+
+def run(args: argparse.Namespace, client: Client) -> int:
+    words = args.words
+    out = sys.stdout
+    if words[:2] == ["list", "host"] and len(words) == 2:
+        servers = client.all("/servers")
+        print(json.dumps(servers, indent=2) if args.json else host_table(servers), file=out)
+        return OK
+    if words[:3] == ["list", "host", "vm"]:
+        plain, kv = options(words[3:], {"status"})
+        if len(plain) > 1:
+            raise CliError(USAGE, "list host vm [HOST] [status=y]")
+        vms = client.all("/vms", **({"server": plain[0]} if plain else {}))
+        vms.sort(key=lambda v: v["name"])
+        status = kv.get("status", "n").lower() in ("y", "yes", "true", "1")
+        print(json.dumps(vms, indent=2) if args.json else vm_table(vms, status), file=out)
+        return OK
+    if words == ["list", "network"]:
+        nets = client.call("GET", "/networks")["items"]
+        print(json.dumps(nets, indent=2) if args.json else network_table(nets), file=out)
+        return OK
+    if words[:2] == ["list", "vmkey"] and len(words) == 3:
+        pool = client.call("GET", "/license-keys", appliance=client.appliance(words[2])["id"])
+        print(json.dumps(pool, indent=2) if args.json else key_table(pool), file=out)
+        return OK
+    if words[:2] == ["add", "vmkey"] and len(words) >= 4:
+        pool = client.call("POST", "/license-keys", {"appliance_id": client.appliance(words[2])["id"],
+                                                     "keys": words[3:]})
+        print(json.dumps(pool, indent=2) if args.json else f"{pool['free']} free key(s) in the pool", file=out)
+        return OK
+    if len(words) >= 4 and words[1:3] == ["host", "vm"]:
+        verb, name, rest = words[0], words[3], words[4:]
+        if verb in POWER_VERBS and not rest:
+            vm = client.vm(name)
+            return finish(args, client, client.call("POST", f"/vms/{vm['id']}/power",
+                                                    {"action": POWER_VERBS[verb]}))
+        if verb == "set":
+            _, kv = options(rest, {"mem", "cpus", "disksize"})
+            if not kv:
+                raise CliError(USAGE, "set host vm NAME [mem=MB] [cpus=N] [disksize=GB]")
+            vm = client.vm(name)
+            body = {}
+            if "mem" in kv:
+                body["memory_mb"] = whole(kv["mem"], "mem")
+            if "cpus" in kv:
+                body["vcpus"] = whole(kv["cpus"], "cpus")
+            if "disksize" in kv:  # the first (boot) disk, as in Rocks; others keep their size
+                body["disk_gb"] = [whole(kv["disksize"], "disksize")] + [d["size_gb"] for d in vm["disks"][1:]]
+            return finish(args, client, client.call("PATCH", f"/vms/{vm['id']}", body))
+        if verb == "move" and len(rest) == 1:
+            vm, target = client.vm(name), client.server(rest[0])
+            mode = "live" if vm["state"] in ("running", "paused") else "cold"
+            return finish(args, client, client.call("POST", f"/vms/{vm['id']}/move",
+                                                    {"mode": mode, "server_id": target["id"]}))
+        if verb == "remove" and not rest:
+            vm = client.vm(name)
+            return finish(args, client, client.call("DELETE", f"/vms/{vm['id']}"))
+    raise CliError(USAGE, USAGE_TEXT)
+
+
+def finish(args: argparse.Namespace, client: Client, accepted: dict) -> int:
+    task = accepted["task"] if args.no_wait else wait_for(client, accepted, show=not args.json)
+    if args.json:
+        print(json.dumps(task, indent=2))
+    else:
+        print(f"task {task['id']} {task['state']}: {task['title']}" + (f": {task['error']}" if task["error"] else ""))
+    if task["state"] in ("queued", "running", "succeeded"):
+        return OK
+    return TASK_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="corral-cli", usage=USAGE_TEXT,
+                                     description="Operate a Corral portal from the command line (Rocks-style verbs).")
+    parser.add_argument("--url", help="the portal (default: CORRAL_URL or the config file)")
+    parser.add_argument("--token", help="an API token (default: CORRAL_TOKEN or the config file)")
+    parser.add_argument("--json", action="store_true", help="print JSON documents instead of tables")
+    parser.add_argument("--no-wait", action="store_true", help="do not wait for tasks to end")
+    parser.add_argument("words", nargs="*")
+    args = parser.parse_args(argv)
+    if not args.words:
+        parser.print_usage(sys.stderr)
+        return USAGE
+    try:
+        url, token = load_config(args.url, args.token)
+        return run(args, Client(url, token))
+    except CliError as exc:
+        print(f"corral-cli: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
