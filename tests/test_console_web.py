@@ -125,14 +125,24 @@ def test_console_vnc_serial_and_token_misuse(app, client, bed_servers, appliance
             return false; }"""
         page.wait_for_function(non_blank, timeout=60_000)
 
-        # The serial terminal: the guest's heartbeat arrives, and typed characters come back (tty echo).
+        # The serial terminal: the guest's heartbeat arrives, and a command typed into the guest's
+        # serial shell runs there (its output, not just the echo, comes back). The terminal's whole
+        # scrollback is read: heartbeats scroll the screen 10 lines a second.
         page.goto(f"/vms/{vm_id}/console/serial")
         page.wait_for_selector("[data-testid=console-status][data-state=connected]")
-        rows = page.locator("#console-screen .xterm-rows")
-        rows.filter(has_text="CORRAL-HB").wait_for(timeout=30_000)
+        scrollback = """(needle) => { const t = document.getElementById('console-screen').terminal;
+            if (!t) return false;
+            const b = t.buffer.active;
+            for (let i = 0; i < b.length; i++) {
+              const line = b.getLine(i);
+              if (line && line.translateToString(true).includes(needle)) return true;
+            }
+            return false; }"""
+        page.wait_for_function(scrollback, arg="CORRAL-HB", timeout=30_000)
         page.locator("#console-screen").click()
-        page.keyboard.type("corral42")
-        rows.filter(has_text="corral42").wait_for(timeout=30_000)
+        page.keyboard.type("echo corral$((6*7))")
+        page.keyboard.press("Enter")
+        page.wait_for_function(scrollback, arg="corral42", timeout=30_000)
         context.close()
     finally:
         subprocess.run([*virsh, "destroy", "con9"], capture_output=True)

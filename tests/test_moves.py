@@ -181,7 +181,8 @@ def test_clone_vm_migrates_live_and_moves_back_cold_through_the_pages(app, clien
         vm_id = db.session.execute(db.select(VM.id).where(VM.name == "t-mv")).scalar_one()
     assert client.post(f"/vms/{vm_id}/power/start").status_code == 302
     run_worker_burst()
-    _wait(lambda: "CORRAL-READY t-mv" in _serial(b1, "t-mv"), "the guest's boot")
+    _wait(lambda: "CORRAL-READY t-mv" in _serial(b1, "t-mv") and bool(parse_serial_log(_serial(b1, "t-mv")).heartbeats),
+          "the guest's boot")
     vm, d = _vm(app, vm_id)
     src_path, base = d.path, d.backing_path
     assert b1.host_path(base).exists()
@@ -416,7 +417,8 @@ def test_evacuating_a_server_migrates_its_running_vms_then_marks_it_down(app, cl
         assert client.post(f"/vms/{ids[name]}/power/start").status_code == 302
     run_worker_burst()
     for name in ids:
-        _wait(lambda: f"CORRAL-READY {name}" in _serial(b1, name), f"{name}'s boot", timeout=90)
+        _wait(lambda: f"CORRAL-READY {name}" in _serial(b1, name)
+              and bool(parse_serial_log(_serial(b1, name)).heartbeats), f"{name}'s boot", timeout=90)
     before = {name: parse_serial_log(_serial(b1, name)).last_heartbeat for name in ids}
     client.post("/logout")
     log_in_client(client, "boss")

@@ -187,8 +187,10 @@ def test_a_packed_bed_is_spread_by_real_live_migrations(app, client, bed_portal,
     for name in names:
         assert client.post(f"/vms/{ids[name]}/power/start").status_code == 302
     run_worker_burst()
-    before = {name: parse_serial_log(wait_serial(b1, name, lambda text, n=name: f"CORRAL-READY {n}" in text,
-                                                 timeout=120)).last_heartbeat for name in names}
+    # Booted and beating (READY alone may come before the first heartbeat line).
+    before = {name: parse_serial_log(wait_serial(
+        b1, name, lambda text, n=name: f"CORRAL-READY {n}" in text and bool(parse_serial_log(text).heartbeats),
+        timeout=120)).last_heartbeat for name in names}
 
     client.post("/logout")
     log_in_client(client, "boss")

@@ -23,6 +23,8 @@ initramfs whose ``/init`` (see :data:`INIT_SCRIPT`):
   seen on serial is durably on the disk: a data-loss check compares the last
   serial heartbeat with :func:`read_disk_heartbeat` of the (copied / failed
   over) disk.  After a reboot the counter continues from the disk's value;
+* runs an interactive busybox shell on ``ttyS0`` (respawned when it exits), so the
+  web console's serial terminal answers typed commands;
 * on an ACPI power-button press (``virsh shutdown``) finishes the current
   heartbeat, prints ``CORRAL-SHUTDOWN <name> <last n>``, syncs and powers off
   (the domain XML needs ``<features><acpi/></features>``).
@@ -215,6 +217,11 @@ done
 
 echo "@INFO_MARKER@ name=$name uuid=$uuid mac=$mac disk=$disk start=$n"
 echo "@READY_MARKER@ $name"
+# An interactive shell on the serial console (the web console's terminal), respawned when it exits.
+# Its prompt may precede a marker on the same serial line; parse_serial_log allows for that.
+if [ -c /dev/ttyS0 ]; then
+  ( while [ ! -e /tmp/corral-shutdown ]; do setsid -c sh </dev/ttyS0 >/dev/ttyS0 2>&1; sleep 1; done ) &
+fi
 while [ ! -e /tmp/corral-shutdown ]; do
   n=$((n+1))
   if [ -n "$disk" ]; then
@@ -611,6 +618,10 @@ class SerialState:
         return self.heartbeats[-1] if self.heartbeats else None
 
 
+#: The serial shell's prompt (``/ # ``, ``~ # ``), written before the next line's marker.
+_SHELL_PROMPT = re.compile(r"^(?:\S* # )+")
+
+
 def parse_serial_log(text: str) -> SerialState:
     """Parse a serial console log (all boots in it; READY/name from the last).
 
@@ -623,7 +634,7 @@ def parse_serial_log(text: str) -> SerialState:
     shutdown = False
     lines = text.split("\n")[:-1]  # the part after the last newline is incomplete
     for line in lines:
-        line = line.strip("\r\x00 ")
+        line = _SHELL_PROMPT.sub("", line.strip("\r\x00 "))
         if line.startswith(READY_MARKER + " "):
             ready = True
             name = line[len(READY_MARKER) + 1:].strip()

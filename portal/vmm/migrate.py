@@ -573,17 +573,39 @@ def _result(ddom: libvirt.virDomain, started: float) -> MigrationResult:
         data_transferred=stats.get("data_processed"), seconds=time.monotonic() - started)
 
 
-def _source_running(source: HostSession, name: str) -> bool:
-    """Whether the source still runs the domain (resuming it when a failed migration left it paused)."""
-    try:
-        dom = domains.find(source, name)
-        if dom is None or not dom.isActive():
-            return False
-        if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
-            dom.resume()
-        return True
-    except (libvirt.libvirtError, VmmError):
-        return False
+#: How long a failed migration may take to let go of the source's domain (its job ending, QEMU
+#: accepting ``cont``) before Corral reports it as it is.
+SOURCE_RECOVERY_SECONDS = 60
+
+
+def _source_running(source: HostSession, name: str, *, wait_s: float = SOURCE_RECOVERY_SECONDS) -> bool:
+    """Whether the source still has the domain, resuming it when a failed migration left it paused.
+
+    Right after an aborted job QEMU may still refuse ``cont`` (the job is winding down, a stalled
+    disk mirror is being torn down): retry until the domain runs or *wait_s* passes. A domain that
+    is still there but stays paused counts as the source's (it must not be removed from the target
+    as if it were not the only copy), and the error says so.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            dom = domains.find(source, name)
+            if dom is None or not dom.isActive():
+                return False
+            if dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
+                return True
+            if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                try:
+                    dom.resume()
+                    continue
+                except libvirt.libvirtError:
+                    pass  # not yet: the job still holds the domain
+        except (libvirt.libvirtError, VmmError):
+            if time.monotonic() > deadline:
+                return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(POLL_SECONDS)
 
 
 def _moved_anyway(source: HostSession, target: HostSession, name: str) -> bool:

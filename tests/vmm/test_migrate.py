@@ -62,10 +62,10 @@ def pair(bed_servers, appliance_image):
 def _where(pair) -> int:
     """Index (0/1) of the server that runs the guest now."""
     b1, b2 = pair["beds"]
-    running = [i for i, bs in enumerate((b1, b2))
-               if subprocess.run(["virsh", "-c", bs.uri_tcp, "domstate", NAME], capture_output=True,
-                                 text=True).stdout.strip() == "running"]
-    assert len(running) == 1, running
+    states = [subprocess.run(["virsh", "-c", bs.uri_tcp, "domstate", "--reason", NAME], capture_output=True,
+                             text=True).stdout.strip() for bs in (b1, b2)]
+    running = [i for i, state in enumerate(states) if state.startswith("running")]
+    assert len(running) == 1, states
     return running[0]
 
 

@@ -63,6 +63,7 @@
     if (!term) {
       term = new Terminal({convertEol: false, cursorBlink: true});
       term.open(screen);
+      screen.terminal = term;  // its scrollback, for scripts and tests driving the page
     }
     const ws = new WebSocket(url);
     ws.binaryType = "arraybuffer";
