@@ -353,6 +353,10 @@ class Appliance(db.Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # VMs from it each need a serial key from the pool (portal/license_keys.py)
     license_required: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    # the OS type its attributes come from (Rocks' os attributes; see portal/attributes.py)
+    os_type: Mapped[str | None] = mapped_column(String(32))
+    # its guests run cloud-init: VMs from it get a NoCloud seed CD-ROM (portal/vmm/seed.py)
+    cloud_init: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
 
     disks: Mapped[list[ApplianceDisk]] = relationship(
         back_populates="appliance", cascade="all, delete-orphan", order_by="ApplianceDisk.position"
@@ -381,6 +385,28 @@ class LicenseKey(db.Model):
 
     appliance: Mapped[Appliance] = relationship()
     vm: Mapped[VM | None] = relationship()
+
+
+class Attribute(db.Model):
+    """A key/value attribute at one scope: global, appliance, OS type or VM (see portal/attributes.py).
+
+    ``target`` names the scope's object ("" for global, the appliance or VM id, the OS type) so
+    a key is unique per scope; appliance_id/vm_id carry the cascade when that object goes."""
+
+    __tablename__ = "attributes"
+    __table_args__ = (
+        CheckConstraint("scope IN ('global', 'appliance', 'os', 'vm')", name="scope"),
+        UniqueConstraint("scope", "target", "key", name="uq_attributes_key"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    target: Mapped[str] = mapped_column(String(32), default="")
+    appliance_id: Mapped[int | None] = mapped_column(ForeignKey("appliances.id", ondelete="CASCADE"), index=True)
+    vm_id: Mapped[int | None] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), index=True)
+    key: Mapped[str] = mapped_column(String(64))
+    value: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
 class ApplianceDisk(db.Model):
