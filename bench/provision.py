@@ -69,6 +69,27 @@ def _redis(root: Path) -> tuple[subprocess.Popen, str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
+def bench_instance(bed, bs, root: Path, redis_url: str, password_hash: str = "x"):
+    """A migrated throw-away instance with bed server *bs* registered, the test appliance in the
+    library and a manager ``bench``: (app, server id, appliance id, the server's disk id, the
+    manager's session token)."""
+    from tests.conftest import register_bed_server
+
+    app = _instance(root, redis_url)
+    sid = register_bed_server(app, bs)
+    with app.app_context():
+        app.config["APPLIANCE_CACHE"] = str(bed.appliance_cache)
+        from portal import library
+
+        appliance_id = library.ensure_test_appliance().id
+        user = User(username="bench", role=Role.MANAGER.value, password_hash=password_hash)
+        db.session.add(user)
+        db.session.commit()
+        token = f"{user.id}:{user.session_version}"
+        disk_id = db.session.execute(db.select(vms.ServerDisk.id).where(vms.ServerDisk.server_id == sid)).scalar_one()
+    return app, sid, appliance_id, disk_id, token
+
+
 def _ssh(target: Target, command: str) -> None:
     subprocess.run([target.ssh_command, "-i", target.key_file, f"root@{target.address}", command], check=True,
                    capture_output=True)
@@ -271,7 +292,6 @@ def main(argv=None) -> int:
 
     logging.disable(logging.WARNING)
     from tests.bed import Bed
-    from tests.conftest import register_bed_server
 
     bed = Bed()
     bs = bed.up(n=max(1, len(bed.servers() or [])))[0]
@@ -279,18 +299,7 @@ def main(argv=None) -> int:
     redis_proc, redis_url = _redis(root)
     worker = None
     try:
-        app = _instance(root, redis_url)
-        sid = register_bed_server(app, bs)
-        with app.app_context():
-            app.config["APPLIANCE_CACHE"] = str(bed.appliance_cache)
-            from portal import library
-
-            appliance_id = library.ensure_test_appliance().id
-            user = User(username="bench", role=Role.MANAGER.value, password_hash="x")
-            db.session.add(user)
-            db.session.commit()
-            token = f"{user.id}:{user.session_version}"
-            disk_id = db.session.execute(db.select(vms.ServerDisk.id).where(vms.ServerDisk.server_id == sid)).scalar_one()
+        app, sid, appliance_id, disk_id, token = bench_instance(bed, bs, root, redis_url)
         client = app.test_client()
         with client.session_transaction() as sess:
             sess["_user_id"], sess["_fresh"] = token, True

@@ -87,9 +87,11 @@ def create_app(test_config: dict | None = None) -> Flask:
 
 def _proxy_fix(app: Flask) -> None:
     """Believe X-Forwarded-* only from as many proxies as the settings name (none by default)."""
-    hops = {key: int(app.config.get(f"PROXY_FIX_X_{key.upper()}") or 0) for key in ("for", "proto", "host")}
+    hops = {key: int(app.config.get(f"PROXY_FIX_X_{key.upper()}") or 0)
+            for key in ("for", "proto", "host", "prefix")}
     if any(hops.values()):
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops["for"], x_proto=hops["proto"], x_host=hops["host"])
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops["for"], x_proto=hops["proto"], x_host=hops["host"],
+                                x_prefix=hops["prefix"])
 
 
 def _sqlite_pragmas(engine) -> None:

@@ -23,6 +23,7 @@ import redis
 from flask import Flask, current_app
 from flask.cli import FlaskGroup, with_appcontext
 
+from .config import Defaults
 from .extensions import db, queues
 
 
@@ -374,18 +375,23 @@ def _start_services(supervisor: _Supervisor, instance: Path, bind: str, workers:
     """The monitor, the worker(s) and the web server, with this instance's settings."""
     env = dict(os.environ, CORRAL_INSTANCE_PATH=str(instance))
     supervisor.add("monitor", "monitor", _spawn([sys.executable, "-m", "portal", "monitor"], env=env))
+    web_env = dict(env)
+    proxy_env = dict(env)
+    if not current_app.config.get("CONSOLE_WS_URL"):
+        # No reverse proxy in front: the pages open the console proxy's own port on the host the
+        # browser reached the portal by, so the proxy listens where the web server does.
+        web_host = bind.rpartition(":")[0] or "127.0.0.1"
+        proxy_bind = current_app.config["CONSOLE_PROXY_BIND"]
+        if proxy_bind == Defaults.CONSOLE_PROXY_BIND and web_host not in ("127.0.0.1", "localhost"):
+            proxy_bind = f"{web_host}:{proxy_bind.rpartition(':')[2]}"
+            proxy_env["CORRAL_CONSOLE_PROXY_BIND"] = proxy_bind
+        web_env["CORRAL_CONSOLE_WS_PORT"] = proxy_bind.rpartition(":")[2]
     supervisor.add("console-proxy", "console-proxy",
-                   _spawn([sys.executable, "-m", "portal", "console-proxy"], env=env))
+                   _spawn([sys.executable, "-m", "portal", "console-proxy"], env=proxy_env))
     for i in range(workers):
         supervisor.add("worker", f"worker-{i + 1}", _spawn(
             [sys.executable, "-m", "portal", "worker", "--name", f"corral-{socket.gethostname()}-{os.getpid()}-{i + 1}"],
             env=env))
-    web_env = dict(env)
-    if not current_app.config.get("CONSOLE_WS_URL"):
-        # No reverse proxy in front: the pages open the console proxy's own port on the portal's host.
-        web_host = bind.rpartition(":")[0] or "127.0.0.1"
-        proxy_port = current_app.config["CONSOLE_PROXY_BIND"].rpartition(":")[2]
-        web_env["CORRAL_CONSOLE_WS_URL"] = f"ws://{web_host}:{proxy_port}/console/ws"
     supervisor.add("web", "web", _spawn(
         [sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", "2", "--threads", "4",
          "--access-logfile", "-", "--graceful-timeout", "5", "portal:create_app()"],

@@ -43,6 +43,9 @@ class Defaults:
     CONSOLE_PROXY_BIND = "127.0.0.1:6080"
     CONSOLE_RECHECK_SECONDS = 2.0
     CONSOLE_WS_URL: str | None = None
+    # Without a reverse proxy: the console proxy's port on the host the browser reached the portal by
+    # (ws://<that host>:<port>/console/ws/...); `corral up` sets it. 0: use CONSOLE_WS_URL or the origin.
+    CONSOLE_WS_PORT = 0
 
     # Pages
     PAGE_SIZE = 50
@@ -98,6 +101,9 @@ class Defaults:
     PROXY_FIX_X_FOR = 0
     PROXY_FIX_X_PROTO = 0
     PROXY_FIX_X_HOST = 0
+    # Behind a proxy that serves Corral on a sub-path (location /corral/ ...) and sends
+    # X-Forwarded-Prefix: set to 1 so links, redirects and the console's WebSocket path carry it.
+    PROXY_FIX_X_PREFIX = 0
 
     # The network preselected for a new VM's first NIC (a network's name; empty: outbound only, user-mode)
     DEFAULT_NETWORK = ""

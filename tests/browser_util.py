@@ -67,9 +67,9 @@ def new_page(browser, base_url: str):
     return context, page, problems
 
 
-def log_in(page, username: str, password: str) -> None:
-    """Log in through the login form, as a person would."""
-    page.goto("/login")
+def log_in(page, username: str, password: str, prefix: str = "") -> None:
+    """Log in through the login form, as a person would (*prefix*: a reverse proxy's sub-path)."""
+    page.goto(f"{prefix}/login")
     page.get_by_label("Username").fill(username)
     page.get_by_label("Password").fill(password)
     page.get_by_role("button", name="Log in").click()

@@ -33,8 +33,9 @@ def page(vm_id: int, kind: str):
         abort(404)
     vm = _operable_vm(vm_id)
     ws_base = current_app.config["CONSOLE_WS_URL"] or ""
+    ws_port = int(current_app.config.get("CONSOLE_WS_PORT") or 0) or ""
     return render_template("console/page.html", vm=vm, kind=kind, title=TITLES[kind], ws_base=ws_base,
-                           ws_path=f"{request.script_root}/console/ws/{kind}")
+                           ws_port=ws_port, ws_path=f"{request.script_root}/console/ws/{kind}")
 
 
 @bp.route("/<int:vm_id>/console/<kind>/token", methods=["POST"])

@@ -12,9 +12,13 @@
   const say = (text, state) => { status.textContent = text; status.dataset.state = state; };
 
   function wsUrl(token) {
+    // CONSOLE_WS_URL, else the proxy's own port on the host this page came from (corral up), else
+    // this page's origin and path prefix (a reverse proxy routes /console/ws/ to the proxy).
+    const scheme = location.protocol === "https:" ? "wss://" : "ws://";
     let base = screen.dataset.wsBase;
     if (base) base = base.replace(/\/$/, "") + "/" + kind;
-    else base = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + screen.dataset.wsPath;
+    else if (screen.dataset.wsPort) base = scheme + location.hostname + ":" + screen.dataset.wsPort + "/console/ws/" + kind;
+    else base = scheme + location.host + screen.dataset.wsPath;
     return base + "?token=" + encodeURIComponent(token);
   }
 
