@@ -56,6 +56,7 @@ class ConsoleProxy:
     def __init__(self, app: Flask):
         self.app = app
         self.recheck = float(app.config["CONSOLE_RECHECK_SECONDS"])
+        self.endpoints = vnc.EndpointReader()
 
     # --- checks (blocking: run in a thread, in an app context) ----------------
 
@@ -114,7 +115,7 @@ class ConsoleProxy:
         try:
             access, target, name = await asyncio.to_thread(self._admit, path, ws.request.headers.get("Cookie"))
             kind = urlparse(path).path.rstrip("/").rsplit("/", 1)[-1]
-            ends = await asyncio.to_thread(_endpoints, target, name)
+            ends = await asyncio.to_thread(self.endpoints.endpoints, target, name)
             if kind == "vnc":
                 if ends.vnc_port is None:
                     raise ConsoleRefused(f"{name} has no VNC graphics")
@@ -170,17 +171,13 @@ def load_user_by_id(user_id: int):
     return load_user(f"{user.id}:{user.session_version}") if user is not None else None
 
 
-def _endpoints(target: Target, name: str) -> vnc.Endpoints:
-    from .vmm.session import open_session
-
-    with open_session(target) as session:
-        return vnc.endpoints(session, name)
-
-
 async def serve_forever(app: Flask, host: str, port: int, ready: asyncio.Event | None = None) -> None:
     proxy = ConsoleProxy(app)
-    async with serve(proxy.handle, host, port, max_size=2**20, compression=None) as server:
-        log.info("console proxy on %s:%s", host, port)
-        if ready is not None:
-            ready.set()
-        await server.serve_forever()
+    try:
+        async with serve(proxy.handle, host, port, max_size=2**20, compression=None) as server:
+            log.info("console proxy on %s:%s", host, port)
+            if ready is not None:
+                ready.set()
+            await server.serve_forever()
+    finally:
+        proxy.endpoints.close()

@@ -634,7 +634,7 @@ def parse_serial_log(text: str) -> SerialState:
     shutdown = False
     lines = text.split("\n")[:-1]  # the part after the last newline is incomplete
     for line in lines:
-        line = _SHELL_PROMPT.sub("", line.strip("\r\x00 "))
+        line = _SHELL_PROMPT.sub("", _ANSI.sub("", line).strip("\r\x00 "))
         if line.startswith(READY_MARKER + " "):
             ready = True
             name = line[len(READY_MARKER) + 1:].strip()
@@ -663,6 +663,7 @@ def read_disk_heartbeat(image: Path, fmt: str | None = None) -> int | None:
     image = Path(image)
     if fmt is None:
         with open(image, "rb") as fh:
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
             fmt = "qcow2" if fh.read(4) == b"QFI\xfb" else "raw"
     if fmt == "raw":
         with open(image, "rb") as fh:

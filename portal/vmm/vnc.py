@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+import tempfile
+import threading
 from dataclasses import dataclass
 
 import libvirt
@@ -21,7 +23,7 @@ from defusedxml import ElementTree
 
 from .domains import lookup
 from .errors import VmmError
-from .session import HostSession, Target
+from .session import HostSession, Target, open_session
 
 # Attach to the serial pty: raw, no echo from the line discipline (the guest
 # echoes), guest output to stdout, stdin to the guest.
@@ -56,6 +58,49 @@ def endpoints(session: HostSession, name: str) -> Endpoints:
     return Endpoints(port, pty)
 
 
+class EndpointReader:
+    """Reads consoles' endpoints over one libvirt connection per server, kept open between calls
+    (a console proxy opens many consoles; a new qemu+ssh connection costs a few hundred ms).
+    Thread-safe; a broken connection is dropped and the read tried once more on a fresh one."""
+
+    def __init__(self):
+        self._sessions: dict[Target, HostSession] = {}
+        self._lock = threading.Lock()
+
+    def endpoints(self, target: Target, name: str) -> Endpoints:
+        for attempt in (1, 2):
+            with self._lock:
+                session = self._sessions.get(target)
+                if session is None:
+                    session = self._sessions[target] = open_session(target)
+            try:
+                return endpoints(session, name)
+            except VmmError:
+                if attempt == 2 or _alive(session):
+                    raise
+                self._drop(target, session)
+        raise AssertionError("unreachable")
+
+    def _drop(self, target: Target, session: HostSession) -> None:
+        with self._lock:
+            if self._sessions.get(target) is session:
+                del self._sessions[target]
+        session.close()
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            session.close()
+
+
+def _alive(session: HostSession) -> bool:
+    try:
+        return session.libvirt().isAlive() == 1
+    except (libvirt.libvirtError, VmmError):
+        return False
+
+
 class Stream:
     """A byte stream to a console: an asyncio reader and writer, and how to end it."""
 
@@ -79,9 +124,23 @@ class Stream:
                 self._proc.kill()
 
 
+_control_dir: str | None = None
+
+
+def _multiplexing() -> list[str]:
+    """One SSH connection per server, shared by the console streams to it and kept for a minute
+    after the last (``ControlMaster``): opening a console then costs a channel, not a handshake.
+    The control sockets live in a private directory of this process."""
+    global _control_dir
+    if _control_dir is None:
+        _control_dir = tempfile.mkdtemp(prefix="corral-console-ssh-")
+    return ["-o", "ControlMaster=auto", "-o", f"ControlPath={_control_dir}/%C", "-o", "ControlPersist=60"]
+
+
 def _ssh(target: Target, *extra: str) -> list[str]:
     return [target.ssh_command or "ssh", "-i", target.key_file or "/dev/null", "-p", str(target.port),
-            "-o", "BatchMode=yes", "-o", "ServerAliveInterval=15", *extra, f"root@{target.address}"]
+            "-o", "BatchMode=yes", "-o", "ServerAliveInterval=15", *_multiplexing(), *extra,
+            f"root@{target.address}"]
 
 
 async def _process(argv: list[str]) -> Stream:

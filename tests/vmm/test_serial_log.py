@@ -10,7 +10,8 @@ def test_markers_in_whole_lines():
 
 
 def test_a_shell_prompt_before_a_marker_does_not_hide_it():
-    text = "CORRAL-READY vm1\n/ # CORRAL-HB 1\nCORRAL-HB 2\n\x1b[6n~ # ~ # CORRAL-HB 3\n~ # CORRAL-SHUTDOWN vm1 3\n"
+    text = ("CORRAL-READY vm1\n/ # \x1b[6nCORRAL-HB 1\nCORRAL-HB 2\n\x1b[6n~ # ~ # CORRAL-HB 3\n"
+            "~ # CORRAL-SHUTDOWN vm1 3\n")
     st = parse_serial_log(text)
     assert st.heartbeats == [1, 2, 3] and st.shutdown
 
