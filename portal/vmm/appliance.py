@@ -618,8 +618,10 @@ class SerialState:
         return self.heartbeats[-1] if self.heartbeats else None
 
 
-#: The serial shell's prompt (``/ # ``, ``~ # ``), written before the next line's marker.
+#: The serial shell's prompt (``/ # ``, ``~ # ``) and terminal queries (``ESC[6n``), written
+#: before the next line's marker.
 _SHELL_PROMPT = re.compile(r"^(?:\S* # )+")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def parse_serial_log(text: str) -> SerialState:
@@ -663,7 +665,6 @@ def read_disk_heartbeat(image: Path, fmt: str | None = None) -> int | None:
     image = Path(image)
     if fmt is None:
         with open(image, "rb") as fh:
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
             fmt = "qcow2" if fh.read(4) == b"QFI\xfb" else "raw"
     if fmt == "raw":
         with open(image, "rb") as fh:
