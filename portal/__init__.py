@@ -60,6 +60,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(networks_bp.bp)
     from .blueprints import license_keys as license_keys_bp
     app.register_blueprint(license_keys_bp.bp)
+    from .blueprints import attributes as attributes_bp
+    app.register_blueprint(attributes_bp.bp)
     from .blueprints import console as console_bp
     app.register_blueprint(console_bp.bp)
     from . import api as api_v1

@@ -155,7 +155,7 @@ def init_app(app: Flask) -> None:
         items = [("summary.index", "Summary"), ("vms.index", "VMs")]
         if permissions.is_manager(user):
             items += [("servers.index", "VM Servers"), ("networks.index", "Networks"), ("library.index", "Library"),
-                      ("license_keys.index", "License keys"),
+                      ("license_keys.index", "License keys"), ("attributes.index", "Attributes"),
                       ("users.index", "Users"), ("tasks.index", "Tasks"), ("auth.actionlog", "Action log")]
         else:
             items += [("library.index", "Library"), ("tasks.index", "My tasks"), ("auth.actionlog", "My action log")]

@@ -102,6 +102,11 @@ def disk_path(vm: VM, position: int) -> str:
     return posixpath.join(vm_dir(vm), f"disk{position}.qcow2")
 
 
+def seed_path(vm: VM) -> str:
+    """The VM's NoCloud seed ISO (portal/vmm/seed.py), in its folder: deleting the VM removes it."""
+    return posixpath.join(vm_dir(vm), "seed.iso")
+
+
 def serial_log_path(vm: VM) -> str:
     return f"/var/log/libvirt/qemu/{vm.name}.serial.log"
 

@@ -18,7 +18,7 @@ def json_error(exc):
 
 
 def init_app(app: Flask) -> None:
-    from . import core, networks, openapi, tokens_page, usage, views  # noqa: F401 - they register routes on core.bp
+    from . import attributes, core, networks, openapi, tokens_page, usage, views  # noqa: F401 - they register routes
 
     app.register_blueprint(core.bp)
     tokens_page.init_app(app)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import posixpath
 from pathlib import Path
 
-from .. import license_keys, networks, servers, vms
+from .. import attributes, license_keys, networks, servers, vms
 from ..extensions import db
 from ..models import VM, ApplianceDisk, VMState, utcnow
-from ..vmm import domains, images
+from ..vmm import domains, images, seed
 from ..vmm.domain import DiskSpec, DomainSpec, NicSpec, render
 from ..vmm.domains import DomainState
 from . import Progress, TaskCancelled, backups, task_job
@@ -28,16 +28,28 @@ def _vm(vm_id: int) -> VM:
 
 
 def domain_spec(vm: VM) -> DomainSpec:
+    with_seed = attributes.wants_seed(vm)
     return DomainSpec(
         name=vm.name, uuid=vms.domain_uuid(vm), memory_mb=vm.memory_mb, vcpus=vm.vcpus,
         domain_type=vm.server.domain_type,
         disks=tuple(DiskSpec(d.path, bus=d.bus, format=d.format) for d in vm.vdisks),
         nics=tuple(nic_spec(n) for n in vm.nics),
         cdrom=vms.iso_path(vm.disk, vm.iso) if vm.iso is not None else None,
+        seed=vms.seed_path(vm) if with_seed else None,
         usb_tablet=vm.usb_tablet, serial_log=vms.serial_log_path(vm),
         description=f"Corral VM {vm.vmid} owned by {vm.owner.username}",
-        extra_oem=networks.oem_strings(vm) + license_keys.oem_strings(vm),
+        extra_oem=networks.oem_strings(vm) + license_keys.oem_strings(vm) + ((seed.OEM_STRING,) if with_seed else ()),
     )
+
+
+def write_seed(progress: Progress, session, vm: VM) -> bool:
+    """Render the VM's NoCloud seed ISO from its attributes and NICs onto its server (cloud-init appliances)."""
+    if not attributes.wants_seed(vm):
+        return False
+    data = attributes.seed_for(vm)
+    progress.log(f"Writing the cloud-init seed ({len(data.attributes)} attribute(s), {len(data.nics)} NIC(s)).")
+    seed.write(session, data, vms.seed_path(vm))
+    return True
 
 
 def nic_spec(nic) -> NicSpec:
@@ -88,6 +100,7 @@ def create_vm(progress: Progress, vm_id: int) -> str:
             progress.step("Defining the VM", 90)
             progress.check_cancel()
             network_jobs.ensure_for(progress, session, vm)
+            write_seed(progress, session, vm)
             domains.define(session, render(domain_spec(vm)))
         _set_state(vm, VMState.OFF)
         db.session.commit()
@@ -149,6 +162,8 @@ def power_vm(progress: Progress, vm_id: int, action: str) -> str:
     with servers.session_for(vm.server) as session:
         if action == "start":
             network_jobs.ensure_for(progress, session, vm)
+            if write_seed(progress, session, vm):  # attributes may have changed since the last boot
+                domains.define(session, render(domain_spec(vm)))
         result = domains.power(session, vm.name, action, check=progress.check_cancel, log=progress.log)
     new = _VM_STATE[result]
     vm = _vm(vm_id)

@@ -66,6 +66,7 @@ from pathlib import Path
 
 __all__ = [
     "APPLIANCE_VERSION",
+    "ATTR_MARKER",
     "DEFAULT_CACHE_DIR",
     "DISK_SIZE",
     "HEARTBEAT_INTERVAL_S",
@@ -98,6 +99,10 @@ INFO_MARKER = "CORRAL-INFO"
 HEARTBEAT_MARKER = "CORRAL-HB"
 #: Serial line printed when the ACPI power button was pressed.
 SHUTDOWN_MARKER = "CORRAL-SHUTDOWN"
+#: Serial line printed for each ``corral_*`` attribute found on a NoCloud seed CD-ROM: ``CORRAL-ATTR key=value``.
+ATTR_MARKER = "CORRAL-ATTR"
+#: Serial line printed when a seed CD-ROM was read: ``CORRAL-SEED /dev/srN``.
+SEED_MARKER = "CORRAL-SEED"
 #: Seconds between heartbeats (the guest sleeps this long between beats).
 HEARTBEAT_INTERVAL_S = 0.1
 
@@ -131,6 +136,9 @@ GUEST_MODULES: tuple[str, ...] = (
     "evdev",
 )
 
+#: Loaded only when the SMBIOS OEM string ``corral.seed=cidata`` says a seed CD-ROM is attached (IDE CD-ROM, ISO 9660).
+SEED_MODULES: tuple[str, ...] = ("ata_piix", "sr_mod", "isofs")
+
 KERNEL_CMDLINE = "console=ttyS0,115200 quiet loglevel=3"
 
 BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
@@ -156,12 +164,14 @@ for m in $(cat /etc/corral/modules); do insmod "/lib/modules/$m" 2>/dev/null; do
 name=""
 ip=""
 interval=@HEARTBEAT_INTERVAL_S@
+seed=""
 oem="$(cat /sys/firmware/dmi/entries/11-*/raw 2>/dev/null | strings -n 3 | grep '^corral\.')"
 for arg in $(cat /proc/cmdline) $oem; do
   case "$arg" in
     corral.name=*) name="${arg#corral.name=}" ;;
     corral.ip=*) ip="${arg#corral.ip=}" ;;
     corral.interval=*) interval="${arg#corral.interval=}" ;;
+    corral.seed=*) seed="${arg#corral.seed=}" ;;
   esac
 done
 uuid="$(cat /sys/class/dmi/id/product_uuid 2>/dev/null)"
@@ -215,6 +225,27 @@ for d in /sys/class/input/input*; do
   done
 done
 
+# A NoCloud seed CD-ROM (attached when the OEM strings say so): print its corral_* attributes.
+if [ -n "$seed" ]; then
+  for m in $(cat /etc/corral/seed-modules); do insmod "/lib/modules/$m" 2>/dev/null; done
+  mkdir -p /mnt/seed
+  i=0
+  while [ -z "$(ls /dev/sr* 2>/dev/null)" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+  for cd in /dev/sr*; do
+    [ -b "$cd" ] || continue
+    mount -t iso9660 -o ro "$cd" /mnt/seed 2>/dev/null || continue
+    if [ -f /mnt/seed/user-data ]; then
+      echo "@SEED_MARKER@ $cd"
+      sed -n '/^    content: |$/,$p' /mnt/seed/user-data | sed '1d; s/^      //' > /tmp/corral-attrs
+      keys="$(sed -n 's/^\(corral_[A-Za-z0-9_]*\)=.*/\1/p' /tmp/corral-attrs)"
+      ( . /tmp/corral-attrs; for k in $keys; do eval "v=\"\$$k\""; echo "@ATTR_MARKER@ $k=$v"; done )
+      umount /mnt/seed
+      break
+    fi
+    umount /mnt/seed
+  done
+fi
+
 echo "@INFO_MARKER@ name=$name uuid=$uuid mac=$mac disk=$disk start=$n"
 echo "@READY_MARKER@ $name"
 # An interactive shell on the serial console (the web console's terminal), respawned when it exits.
@@ -246,6 +277,8 @@ def render_init_script() -> str:
         "INFO_MARKER": INFO_MARKER,
         "READY_MARKER": READY_MARKER,
         "HEARTBEAT_INTERVAL_S": f"{HEARTBEAT_INTERVAL_S:g}",
+        "ATTR_MARKER": ATTR_MARKER,
+        "SEED_MARKER": SEED_MARKER,
     }
     text = INIT_SCRIPT
     for key, value in values.items():
@@ -455,6 +488,14 @@ def build_initramfs(inputs: Inputs) -> bytes:
         cpio.file(f"lib/modules/{plain}", _module_bytes(inputs.modules_dir / rel))
         names.append(plain)
     cpio.file("etc/corral/modules", ("\n".join(names) + "\n").encode())
+    seed_names: list[str] = []
+    for rel in resolve_modules(inputs.modules_dir, SEED_MODULES):
+        plain = _plain_module_name(rel)
+        if plain not in names:
+            cpio.file(f"lib/modules/{plain}", _module_bytes(inputs.modules_dir / rel))
+            names.append(plain)
+            seed_names.append(plain)
+    cpio.file("etc/corral/seed-modules", ("\n".join(seed_names) + "\n").encode())
     cpio.file("etc/hostname", b"corral\n")
     cpio.file("init", render_init_script().encode(), 0o755)
     raw = cpio.finish()
@@ -475,6 +516,7 @@ def _fingerprint(inputs: Inputs, kind: str) -> str:
     h.update(Path(__file__).read_bytes())
     files = [inputs.kernel, inputs.busybox, inputs.modules_dir / "modules.dep"]
     files += [inputs.modules_dir / rel for rel in resolve_modules(inputs.modules_dir)]
+    files += [inputs.modules_dir / rel for rel in resolve_modules(inputs.modules_dir, SEED_MODULES)]
     if kind == "disk":
         files += [SYSLINUX_MBR, SYSLINUX_BIOS_DIR / "ldlinux.c32"]
     else:

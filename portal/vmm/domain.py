@@ -43,6 +43,7 @@ class DomainSpec:
     disks: tuple[DiskSpec, ...] = ()
     nics: tuple[NicSpec, ...] = ()
     cdrom: str | None = None  # ISO path; the VM boots from it first
+    seed: str | None = None  # a NoCloud seed ISO (portal/vmm/seed.py): a second CD-ROM, never booted from
     usb_tablet: bool = False
     serial_log: str | None = None
     vnc: bool = True  # graphical console for the web console (listens on the server's loopback)
@@ -125,6 +126,15 @@ def render(spec: DomainSpec) -> str:
         _sub(cd, "driver", name="qemu", type="raw")
         _sub(cd, "source", file=spec.cdrom)
         _sub(cd, "target", dev="hdc", bus="ide")
+        _sub(cd, "readonly")
+    if spec.seed:
+        if "hdd" in target_devs(spec.disks):
+            raise ValueError("a seed CD-ROM needs hdd free: use fewer IDE disks")
+        cd = _sub(devices, "disk", type="file", device="cdrom")
+        _sub(cd, "driver", name="qemu", type="raw")
+        # optional: a server without the file (a failover target) starts the VM without it
+        _sub(cd, "source", file=spec.seed, startupPolicy="optional")
+        _sub(cd, "target", dev="hdd", bus="ide")
         _sub(cd, "readonly")
     for nic in spec.nics:
         if nic.bridge:
