@@ -10,7 +10,7 @@ from pathlib import Path
 from portal import api_tokens
 from portal.extensions import db
 from portal.models import Appliance, IsoImage, Role
-from tests.conftest import make_server, make_task, make_user, make_vm
+from tests.conftest import log_in_client, make_server, make_task, make_user, make_vm
 
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
           "response_headers_conformance")
@@ -38,3 +38,16 @@ def test_schemathesis_finds_no_server_errors_and_no_drift(app, live_server, tmp_
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     print(proc.stdout[-1500:])  # the run's summary, with -s
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def test_uploads_document_their_multipart_bodies(app, client):
+    """The two upload operations name their form fields and file parts (a client can be generated)."""
+    with app.app_context():
+        make_user("reader")
+    log_in_client(client, "reader")
+    doc = client.get("/api/v1/openapi.json").get_json()
+    upload = doc["paths"]["/library/appliances"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert upload["properties"]["disks"]["type"] == "array" and {"name", "disks"} <= set(upload["required"])
+    assert upload["properties"]["vcpus"]["type"] == "integer"
+    ova = doc["paths"]["/library/appliances/ova"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert ova["required"] == ["ova"] and ova["properties"]["ova"]["contentMediaType"] == "application/octet-stream"

@@ -126,14 +126,20 @@ class Operation:
     many: bool = False
     description: str = ""
     path_params: list[str] = field(default_factory=list)
+    form: type[Schema] | None = None  # multipart/form-data fields ...
+    files: dict[str, tuple[bool, str]] = field(default_factory=dict)  # ... and file parts: (several, what)
 
 
 OPERATIONS: list[Operation] = []
 
 
 def operation(method: str, rule: str, *, summary: str, tag: str, query=None, body=None, response=None,
-              status: int = 200, prepared: bool = False):
+              status: int = 200, prepared: bool = False, form=None, files=None):
     """Route ``view(**path_args, query=..., body=...)`` at ``rule`` and record it for the OpenAPI document.
+
+    ``form`` and ``files`` document a multipart/form-data request (an upload): its fields' schema and
+    its file parts (name -> (several allowed, description)). The view loads them itself (after its
+    permission check) from ``request.form`` and ``request.files``.
 
     Path arguments are ``<int:name>`` ids; query and body are loaded with their
     schemas (bad input: 422 naming the fields); unsafe methods need a
@@ -143,7 +149,8 @@ def operation(method: str, rule: str, *, summary: str, tag: str, query=None, bod
     def decorate(view):
         params = [part[5:-1] for part in rule.split("/") if part.startswith("<int:")]
         op = Operation(method, rule, view.__name__, summary, tag, query, body, response, status,
-                       description=(view.__doc__ or "").strip(), path_params=params)
+                       description=(view.__doc__ or "").strip(), path_params=params, form=form,
+                       files=dict(files or {}))
         OPERATIONS.append(op)
 
         @wraps(view)

@@ -26,8 +26,8 @@ def _resolver(schema) -> str:
 
 @lru_cache(maxsize=1)
 def build() -> dict:
-    spec = APISpec(title="Corral API", version="1", openapi_version="3.1.0",
-                   plugins=[MarshmallowPlugin(schema_name_resolver=_resolver)],
+    marshmallow = MarshmallowPlugin(schema_name_resolver=_resolver)
+    spec = APISpec(title="Corral API", version="1", openapi_version="3.1.0", plugins=[marshmallow],
                    info={"description": "Corral's JSON API. Authenticate with a personal token from the Account "
                                         "page: `Authorization: Bearer corral_…`. Long operations answer 202 with "
                                         "the task to poll."},
@@ -56,6 +56,15 @@ def build() -> dict:
             operation["description"] = op.description
         if op.body is not None:
             operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": op.body}}}
+        if op.form is not None:
+            # One flat object: the form's fields (as marshmallow describes them) and the file parts.
+            form = marshmallow.converter.schema2jsonschema(op.form)
+            binary = {"type": "string", "contentMediaType": "application/octet-stream"}
+            parts = {name: ({"type": "array", "items": binary, "minItems": 1, "description": what} if several
+                            else {**binary, "description": what}) for name, (several, what) in op.files.items()}
+            operation["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {
+                "type": "object", "properties": {**form["properties"], **parts},
+                "required": sorted({*form.get("required", []), *parts})}}}}
         paths.setdefault(path, {})[op.method.lower()] = operation
     for path, operations in paths.items():
         spec.path(path=path, operations=operations)

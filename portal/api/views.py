@@ -427,7 +427,8 @@ def list_actionlog(query):
 # --- Library uploads (multipart: the JSON body machinery does not apply) ----------------------
 
 @operation("POST", "/library/appliances", summary="Upload an appliance (managers; multipart/form-data)",
-           tag="library", response=s.Accepted, status=202)
+           tag="library", response=s.Accepted, status=202, form=s.ApplianceUpload,
+           files={"disks": (True, "one to four disk images: qcow2, raw, vmdk or vdi; may be .gz, .xz or .zst")})
 def upload_appliance():
     """Form fields: name, and optionally description, min_memory_mb, max_memory_mb, vcpus, os_hint; one to
     four files in ``disks`` (qcow2, raw, vmdk or vdi; may be .gz, .xz or .zst). A task converts and checks
@@ -450,7 +451,8 @@ def upload_appliance():
 
 
 @operation("POST", "/library/appliances/ova", summary="Import an OVA package (managers; multipart/form-data)",
-           tag="library", response=s.Accepted, status=202)
+           tag="library", response=s.Accepted, status=202, form=s.OvaImport,
+           files={"ova": (False, "the OVA package (a tar of the OVF, its manifest and the disks)")})
 def import_ova():
     """Form fields: optional name (empty: the OVF's own name) and description; the package in ``ova``. A task
     checks the manifest, reads the OVF and converts the disks, as for the page's import."""
