@@ -58,6 +58,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(rebalance_bp.bp)
     from .blueprints import networks as networks_bp
     app.register_blueprint(networks_bp.bp)
+    from .blueprints import clusters as clusters_bp
+    app.register_blueprint(clusters_bp.bp)
     from .blueprints import license_keys as license_keys_bp
     app.register_blueprint(license_keys_bp.bp)
     from .blueprints import attributes as attributes_bp

@@ -107,6 +107,9 @@ class Defaults:
 
     # The network preselected for a new VM's first NIC (a network's name; empty: outbound only, user-mode)
     DEFAULT_NETWORK = ""
+    # The VLAN ids a new virtual cluster's private network takes the next free one from
+    CLUSTER_VLAN_FIRST = 2
+    CLUSTER_VLAN_LAST = 4094
 
     # Default quotas for new power users
     DEFAULT_MAX_VMS = 5

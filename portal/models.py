@@ -574,6 +574,50 @@ class NIC(db.Model):
     network: Mapped[Network | None] = relationship()
 
 
+class VirtualCluster(db.Model):
+    """A Rocks-style virtual cluster: a frontend VM plus compute VMs on a private network on its own VLAN
+    (see portal/clusters.py). Its VMs are ordinary VMs; membership says which role each plays."""
+
+    __tablename__ = "virtual_clusters"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(253), unique=True)  # the frontend's FQDN
+    public_ip: Mapped[str] = mapped_column(String(45), unique=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
+    vlan: Mapped[int] = mapped_column(Integer, unique=True)
+    network_id: Mapped[int | None] = mapped_column(ForeignKey("networks.id", ondelete="SET NULL"))
+    appliance_id: Mapped[int | None] = mapped_column(ForeignKey("appliances.id", ondelete="SET NULL"))
+    compute_memory_mb: Mapped[int] = mapped_column(Integer)
+    compute_vcpus: Mapped[int] = mapped_column(Integer, default=1)
+    compute_disk_gb: Mapped[int] = mapped_column(Integer)
+    clone: Mapped[bool] = mapped_column(Boolean, default=True)
+    server_ids: Mapped[str] = mapped_column(String(255), default="")  # the chosen servers, "1,2"
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    owner: Mapped[User] = relationship()
+    network: Mapped[Network | None] = relationship()
+    appliance: Mapped[Appliance | None] = relationship()
+    members: Mapped[list[ClusterMember]] = relationship(
+        back_populates="cluster", cascade="all, delete-orphan",
+        order_by=lambda: [ClusterMember.role.desc(), ClusterMember.index])
+
+
+class ClusterMember(db.Model):
+    """A VM's place in a virtual cluster: the frontend (index 0) or compute number *index*."""
+
+    __tablename__ = "cluster_members"
+    __table_args__ = (CheckConstraint("role IN ('frontend', 'compute')", name="role"),
+                      UniqueConstraint("cluster_id", "role", "index", name="uq_cluster_members_slot"))
+
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), primary_key=True)
+    cluster_id: Mapped[int] = mapped_column(ForeignKey("virtual_clusters.id", ondelete="CASCADE"), index=True)
+    role: Mapped[str] = mapped_column(String(8))
+    index: Mapped[int] = mapped_column(Integer, default=0)
+
+    cluster: Mapped[VirtualCluster] = relationship(back_populates="members")
+    vm: Mapped[VM] = relationship()
+
+
 class Task(db.Model):
     """A background operation; outlives Redis."""
 

@@ -152,7 +152,7 @@ def init_app(app: Flask) -> None:
         user = current_user
         if not user.is_authenticated:
             return {"nav_items": []}
-        items = [("summary.index", "Summary"), ("vms.index", "VMs")]
+        items = [("summary.index", "Summary"), ("vms.index", "VMs"), ("clusters.index", "Clusters")]
         if permissions.is_manager(user):
             items += [("servers.index", "VM Servers"), ("networks.index", "Networks"), ("library.index", "Library"),
                       ("license_keys.index", "License keys"), ("attributes.index", "Attributes"),

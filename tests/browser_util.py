@@ -23,9 +23,9 @@ CHROMIUM_ARGS = [
 DEFAULT_TIMEOUT_MS = 20_000
 TASK_TIMEOUT_MS = 60_000
 
-MANAGER_MENU = ["Summary", "VMs", "VM Servers", "Networks", "Library", "License keys", "Attributes", "Users", "Tasks",
-                "Action log", "Catalog", "Usage"]
-NON_MANAGER_MENU = ["Summary", "VMs", "Library", "My tasks", "My action log", "Catalog", "Usage"]
+MANAGER_MENU = ["Summary", "VMs", "Clusters", "VM Servers", "Networks", "Library", "License keys", "Attributes",
+                "Users", "Tasks", "Action log", "Catalog", "Usage"]
+NON_MANAGER_MENU = ["Summary", "VMs", "Clusters", "Library", "My tasks", "My action log", "Catalog", "Usage"]
 
 
 @dataclass

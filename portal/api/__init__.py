@@ -19,6 +19,7 @@ def json_error(exc):
 
 def init_app(app: Flask) -> None:
     from . import attributes, core, networks, openapi, tokens_page, usage, views  # noqa: F401 - they register routes
+    from . import clusters  # noqa: F401 - registers the virtual clusters' routes
 
     app.register_blueprint(core.bp)
     tokens_page.init_app(app)

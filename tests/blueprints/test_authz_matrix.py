@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from portal.extensions import db
-from portal.models import ActionLog, Appliance, Role, Task, User
+from portal.models import ActionLog, Appliance, Role, Task, User, VirtualCluster
 from portal.shared import shared_dir
 from tests.conftest import PASSWORD, make_server, make_user, make_vm
 
@@ -23,7 +23,7 @@ API_ANON = 401
 OWNED = {"own": 200, "other": 404}
 MANAGER_ALL = {"own": 200, "other": 200}
 
-# endpoint -> (method, url template, {role: expected}); templates use {vm}, {task}, {user}, {export}
+# endpoint -> (method, url template, {role: expected}); templates use {vm}, {task}, {user}, {export}, {cluster}
 MATRIX: dict[str, tuple[str, str, dict]] = {
     "auth.login": ("GET", "/login", {"anon": 200, "regular": 302, "power": 302, "manager": 302}),
     "auth.logout": ("POST", "/logout", {"anon": ANON, "regular": 302, "power": 302, "manager": 302}),
@@ -197,6 +197,25 @@ MATRIX: dict[str, tuple[str, str, dict]] = {
     "attributes.vm_unset": ("POST", "/attributes/vm/{vm}/unset",
                             {"anon": ANON, "regular": {"own": 403, "other": 404}, "power": {"own": 302, "other": 404},
                              "manager": {"own": 302, "other": 302}}),
+    # Virtual clusters: seen by owners and managers; power actions for who sees one (the matrix's clusters
+    # have no VMs: "nothing to start" after authorisation); adding, removing and deleting for managers and
+    # power owners (no count: refused after authorisation; no such compute: 404).
+    "clusters.index": ("GET", "/clusters/", {"anon": ANON, "regular": 200, "power": 200, "manager": 200}),
+    "clusters.new": ("GET", "/clusters/new", {"anon": ANON, "regular": 403, "power": 200, "manager": 200}),
+    "clusters.detail": ("GET", "/clusters/{cluster}",
+                        {"anon": ANON, "regular": OWNED, "power": OWNED, "manager": MANAGER_ALL}),
+    "clusters.power": ("POST", "/clusters/{cluster}/power/start",
+                       {"anon": ANON, "regular": {"own": 302, "other": 404}, "power": {"own": 302, "other": 404},
+                        "manager": {"own": 302, "other": 302}}),
+    "clusters.add_computes": ("POST", "/clusters/{cluster}/computes",
+                              {"anon": ANON, "regular": {"own": 403, "other": 404},
+                               "power": {"own": 302, "other": 404}, "manager": {"own": 302, "other": 302}}),
+    "clusters.remove_compute": ("POST", "/clusters/{cluster}/computes/999999/remove",
+                                {"anon": ANON, "regular": {"own": 403, "other": 404},
+                                 "power": {"own": 404, "other": 404}, "manager": {"own": 404, "other": 404}}),
+    "clusters.delete": ("POST", "/clusters/{cluster}/delete",
+                        {"anon": ANON, "regular": {"own": 403, "other": 404}, "power": {"own": 302, "other": 404},
+                         "manager": {"own": 302, "other": 302}}),
     # Rebalancing is the managers' (an empty approval is refused after authorisation).
     "rebalance.index": ("GET", "/rebalance/", {"anon": ANON, "regular": 403, "power": 403, "manager": 200}),
     "rebalance.apply": ("POST", "/rebalance/apply", {"anon": ANON, "regular": 403, "power": 403, "manager": 302}),
@@ -293,6 +312,21 @@ API_MATRIX: dict[str, tuple[str, str, dict | None, dict]] = {
                              {"anon": API_ANON, "regular": 403, "power": 403, "manager": 200}),
     "api_v1.unset_attribute": ("DELETE", "/api/v1/attributes?scope=global&key=nosuch", None,
                                {"anon": API_ANON, "regular": 403, "power": 403, "manager": 404}),
+    # Virtual clusters (as their pages; no such appliance: 422 once authorised; no VMs: nothing to start).
+    "api_v1.list_clusters": ("GET", "/api/v1/clusters", None,
+                             {"anon": API_ANON, "regular": 200, "power": 200, "manager": 200}),
+    "api_v1.get_cluster": ("GET", "/api/v1/clusters/{cluster}", None,
+                           {"anon": API_ANON, "regular": OWNED, "power": OWNED, "manager": MANAGER_ALL}),
+    "api_v1.create_cluster": ("POST", "/api/v1/clusters",
+                              {"fqdn": "mx.example.org", "public_ip": "10.9.9.9", "computes": 1, "appliance_id": 999999,
+                               "frontend": {"memory_mb": 256}, "compute": {"memory_mb": 128}},
+                              {"anon": API_ANON, "regular": 403, "power": 422, "manager": 422}),
+    "api_v1.delete_cluster": ("DELETE", "/api/v1/clusters/{cluster}", None,
+                              {"anon": API_ANON, "regular": {"own": 403, "other": 404}, "power": OWN_202,
+                               "manager": {"own": 202, "other": 202}}),
+    "api_v1.cluster_action": ("POST", "/api/v1/clusters/{cluster}/actions", {"action": "start"},
+                              {"anon": API_ANON, "regular": {"own": 409, "other": 404},
+                               "power": {"own": 409, "other": 404}, "manager": {"own": 409, "other": 409}}),
     "api_v1.list_users": ("GET", "/api/v1/users", None, {"anon": API_ANON, "regular": 403, "power": 403, "manager": 200}),
     "api_v1.list_tasks": ("GET", "/api/v1/tasks", None, {"anon": API_ANON, "regular": 200, "power": 200, "manager": 200}),
     "api_v1.get_task": ("GET", "/api/v1/tasks/{task}", None,
@@ -336,8 +370,12 @@ def _objects(app) -> dict[str, dict]:
                                      detail="victim-detail-marker" if role == "victim" else f"{role} detail"))
             db.session.commit()
             (exports / f"actionlog-{role}.csv").write_text(f"{role} rows\n")
+            cluster = VirtualCluster(name=f"{name}.cluster.test", public_ip=f"10.77.0.{len(out)}", owner_id=user.id,
+                                     vlan=3000 + len(out), compute_memory_mb=128, compute_disk_gb=1)
+            db.session.add(cluster)
+            db.session.commit()
             out[role] = {"user": user.id, "vm": vm.id, "task": task.id, "export": export.id,
-                         "server": server.id, "username": user.username}
+                         "server": server.id, "username": user.username, "cluster": cluster.id}
     return out
 
 
@@ -376,7 +414,7 @@ def test_matrix(matrix_app, role):
             if "{" not in template and whose == "other":
                 continue  # routes without an object: one case is enough
             owner = objs["victim"] if whose == "other" else objs.get(role, objs["regular"])
-            ids = {k: owner[k] for k in ("vm", "task", "export", "server")}
+            ids = {k: owner[k] for k in ("vm", "task", "export", "server", "cluster")}
             ids["appliance"] = objs["appliance"]
             ids["user"] = objs["victim"]["user"]  # never reset the acting user's own password
             url = template.format(**ids)
@@ -424,7 +462,7 @@ def test_api_matrix_with_tokens(matrix_app, role):
             if "{" not in template and whose == "other":
                 continue
             owner = objs["victim"] if whose == "other" else objs.get(role, objs["regular"])
-            url = template.format(**{k: owner[k] for k in ("vm", "task", "server")})
+            url = template.format(**{k: owner[k] for k in ("vm", "task", "server", "cluster")})
             if role != "anon" and method != "GET":  # a read-only token changes nothing anywhere
                 resp = client.open(url, method=method, json=body, headers=read_only)
                 if resp.status_code != 403 or resp.get_json()["error"]["code"] != "read_only_token":
