@@ -17,6 +17,9 @@ Verbs (``corral-cli --help``)::
     list network
     list vmkey APPLIANCE
     add vmkey APPLIANCE KEY [KEY ...]
+    list host attr NAME
+    set host attr NAME KEY=VALUE
+    remove host attr NAME KEY
 
 Tables are aligned like Rocks' listings; ``--json`` prints the API's documents. Long operations
 show a progress bar and wait for their task (``--no-wait``: print it and return).
@@ -49,7 +52,10 @@ USAGE_TEXT = """corral-cli [--json] [--no-wait] VERB ...
   remove host vm NAME
   list network
   list vmkey APPLIANCE          (APPLIANCE: its name, or its id)
-  add vmkey APPLIANCE KEY [KEY ...]"""
+  add vmkey APPLIANCE KEY [KEY ...]
+  list host attr NAME           (the VM's resolved attributes; SOURCE G global, A appliance, O OS, H the VM)
+  set host attr NAME KEY=VALUE
+  remove host attr NAME KEY"""
 
 
 class CliError(Exception):
@@ -167,6 +173,28 @@ def key_table(pool: dict) -> str:
     return table(["KEY", "VM"], [[k["key"], k["vm"]] for k in pool["keys"]])
 
 
+def attr_table(doc: dict) -> str:
+    return table(["HOST", "ATTR", "VALUE", "SOURCE"],
+                 [[f"{doc['vm']}:", a["key"], a["value"].replace("\n", "\\n"), a["source"]] for a in doc["items"]])
+
+
+def attr_verb(args: argparse.Namespace, client: Client, verb: str, name: str, rest: list[str]) -> int:
+    """Rocks' ``list|set|remove host attr``, on a VM's own attributes."""
+    vm = client.vm(name)
+    path = f"/vms/{vm['id']}/attributes"
+    if verb == "list" and not rest:
+        doc = client.call("GET", path)
+    elif verb == "set" and len(rest) == 1 and "=" in rest[0]:
+        key, _, value = rest[0].partition("=")
+        doc = client.call("PUT", path, {"key": key, "value": value})
+    elif verb == "remove" and len(rest) == 1:
+        doc = client.call("DELETE", path, key=rest[0])
+    else:
+        raise CliError(USAGE, "list host attr NAME | set host attr NAME KEY=VALUE | remove host attr NAME KEY")
+    print(json.dumps(doc, indent=2) if args.json else attr_table(doc))
+    return OK
+
+
 def options(words: list[str], allowed: set[str]) -> tuple[list[str], dict[str, str]]:
     plain, kv = [], {}
     for w in words:
@@ -232,6 +260,8 @@ def run(args: argparse.Namespace, client: Client) -> int:
                                                      "keys": words[3:]})
         print(json.dumps(pool, indent=2) if args.json else f"{pool['free']} free key(s) in the pool", file=out)
         return OK
+    if len(words) >= 4 and words[1:3] == ["host", "attr"]:
+        return attr_verb(args, client, words[0], words[3], words[4:])
     if len(words) >= 4 and words[1:3] == ["host", "vm"]:
         verb, name, rest = words[0], words[3], words[4:]
         if verb in POWER_VERBS and not rest:

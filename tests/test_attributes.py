@@ -4,6 +4,7 @@ cloud-init appliance that boots with its seed CD-ROM and prints an attribute on 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import tempfile
 import xml.etree.ElementTree as ET
@@ -294,3 +295,70 @@ def test_guest_reads_its_attribute_from_the_seed_cdrom(app, client, cloudy, bed_
     run_worker_burst()
     assert vm_row(app, "t-attr") is None
     assert not iso.exists()  # deleting the VM removed its seed from the server
+
+
+CLOUD_INIT = Path("/usr/bin/cloud-init")
+
+
+@pytest.mark.skipif(not CLOUD_INIT.exists(), reason="Debian's cloud-init package is not installed")
+def test_cloud_init_accepts_the_rendered_files(tmp_path):
+    """cloud-init's own schema check of user-data, and its network-state parser of network-config (Debian's
+    cloud-init 22.4 runs under the system Python)."""
+    data = seed.Seed("corral-x", "t1", (
+        ("corral_motd", "it's \"q\"\n  two ✓"), ("fqdn", "t1.example.org"), ("locale", "C.UTF-8"),
+        ("packages", "htop curl"), ("runcmd", "echo a\necho b"), ("ssh_authorized_keys", "ssh-ed25519 AAAA a"),
+        ("timezone", "UTC")),
+        (seed.SeedNic("52:54:00:aa:bb:cc", "eth0", address="10.0.0.5/24", gateway="10.0.0.1"),
+         seed.SeedNic("52:54:00:aa:bb:cd", "eth1"), seed.SeedNic("52:54:00:aa:bb:ce", "eth2", dhcp=False)))
+    files = seed.files(data)
+    (tmp_path / "user-data").write_text(files["user-data"])
+    (tmp_path / "network-config").write_text(files["network-config"])
+    r = subprocess.run([str(CLOUD_INIT), "schema", "--config-file", str(tmp_path / "user-data")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "Valid cloud-config" in r.stdout, r.stdout + r.stderr
+    (tmp_path / "bad").write_text("#cloud-config\npackages: 5\n")  # the check does check
+    assert subprocess.run([str(CLOUD_INIT), "schema", "-c", str(tmp_path / "bad")], capture_output=True).returncode
+    parse = ("import sys, yaml\nfrom cloudinit.net.network_state import parse_net_config_data\n"
+             "ns = parse_net_config_data(yaml.safe_load(open(sys.argv[1])))\n"
+             "for i in ns.iter_interfaces():\n"
+             "    print(i['name'], i['mac_address'], [(s['type'], s.get('address'), s.get('prefix'),"
+             " [(r.get('network'), r.get('gateway')) for r in s.get('routes', [])]) for s in i['subnets']])\n")
+    out = subprocess.run(["/usr/bin/python3", "-c", parse, str(tmp_path / "network-config")], capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out[0] == "eth0 52:54:00:aa:bb:cc [('static', '10.0.0.5', 24, [('0.0.0.0', '10.0.0.1')])]"
+    assert out[1] == "eth1 52:54:00:aa:bb:cd [('dhcp4', None, None, [])]"
+    assert out[2] == "eth2 52:54:00:aa:bb:ce []"
+
+
+def test_corral_cli_lists_sets_and_removes_host_attrs(app, live_server, tmp_path):
+    """``corral-cli list|set|remove host attr`` as a real process against a live portal (Rocks' listing)."""
+    import os
+    import sys
+
+    from portal import api_tokens
+    from portal.models import User
+
+    ids = _world(app)
+    with app.app_context():
+        _set(attributes.GLOBAL, "timezone", "UTC")
+        pow_ = db.session.get(User, db.session.get(VM, ids["vm"]).owner_id)
+        token = api_tokens.create(pow_, name="cli", scope="write", expires_in_days=None)[1]
+        db.session.commit()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    env.update({"XDG_CONFIG_HOME": str(tmp_path), "CORRAL_URL": live_server, "CORRAL_TOKEN": token})
+    cli = str(Path(sys.executable).with_name("corral-cli"))
+
+    def run(*args):
+        return subprocess.run([cli, *args], capture_output=True, text=True, env=env, timeout=60)
+
+    r = run("set", "host", "attr", "pvm", "corral_motd=two words")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in run("list", "host", "attr", "pvm").stdout.splitlines()]
+    assert rows == [["HOST", "ATTR", "VALUE", "SOURCE"], ["pvm:", "corral_motd", "two", "words", "H"],
+                    ["pvm:", "timezone", "UTC", "G"]]
+    bad = run("set", "host", "attr", "pvm", "9x=1")
+    assert bad.returncode == 1 and "does not start with a digit" in bad.stderr
+    assert run("remove", "host", "attr", "pvm", "corral_motd").returncode == 0
+    assert [i["key"] for i in json.loads(run("--json", "list", "host", "attr", "pvm").stdout)["items"]] == ["timezone"]
+    assert run("remove", "host", "attr", "pvm", "corral_motd").returncode == 1  # not set any more
+    assert run("list", "host", "attr", "rvm").returncode == 1  # someone else's VM: not found
