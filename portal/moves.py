@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 from flask import current_app
 
-from . import actionlog, networks, vms
+from . import actionlog, attributes, networks, vms
 from .extensions import db
 from .models import ACTIVE_TASK_STATES, VM, Server, ServerDisk, ServerStatus, Task, VMState
 
@@ -229,6 +229,8 @@ def target_paths(vm: VM, target: ServerDisk) -> dict[str, str]:
     """Every file of the VM (disks, clone bases, cached ISO) -> its path on the target disk."""
     paths = {d.path: vms.disk_path(SimpleNamespace(name=vm.name, disk=target), d.position) for d in vm.vdisks}
     paths.update({f: _moved_path(f, vm.disk, target) for f in cached_files(vm)})
+    if attributes.wants_seed(vm):  # rendered afresh on the target (jobs/moves.py), never copied
+        paths[vms.seed_path(vm)] = vms.seed_path(SimpleNamespace(name=vm.name, disk=target))
     return paths
 
 

@@ -290,11 +290,35 @@ def test_guest_reads_its_attribute_from_the_seed_cdrom(app, client, cloudy, bed_
     text = wait_serial(bs, "t-attr", lambda t: "CORRAL-READY" in t, timeout=60)
     assert "CORRAL-ATTR corral_motd=hello from H" in text
     assert "CORRAL-ATTR corral_os=busybox via O" in text
+    # a live migration renders the seed on the target (the domain there points at it) and removes the source's
+    b2 = bed_servers[1]
+    r = client.post(f"/vms/{vm.id}/move", data={"mode": "live", "server_id": cloudy["servers"][1]})
+    assert r.status_code == 303 and "/tasks/" in r.headers["Location"]
+    run_worker_burst()
+    task = last_task(app, "t-attr")
+    assert task.state == "succeeded", (task.error, task.log)
+    assert "Writing the cloud-init seed" in task.log
+    assert vm_row(app, "t-attr").server_id == cloudy["servers"][1]
+    with app.app_context():
+        path2 = seed_path(db.session.get(VM, vm.id))
+    iso2 = b2.host_path(path2)
+    assert iso2.exists() and not iso.exists()
+    on_b2 = subprocess.run(["virsh", "-c", b2.uri_tcp, "dumpxml", "t-attr"], capture_output=True, text=True,
+                           check=True).stdout
+    assert seed_path_text(on_b2) == path2  # present there (a missing optional CD-ROM would have no source)
     act(app, client, "t-attr", "poweroff", "off")
     assert client.post(f"/vms/{vm.id}/delete").status_code == 302
     run_worker_burst()
     assert vm_row(app, "t-attr") is None
-    assert not iso.exists()  # deleting the VM removed its seed from the server
+    assert not iso2.exists()  # deleting the VM removed its seed from the server
+
+
+def seed_path_text(xml: str) -> str | None:
+    """The seed CD-ROM's file in a domain XML."""
+    for disk in ET.fromstring(xml).iter("disk"):
+        if disk.get("device") == "cdrom":
+            return disk.find("source").get("file")
+    return None
 
 
 CLOUD_INIT = Path("/usr/bin/cloud-init")

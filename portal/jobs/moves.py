@@ -14,7 +14,7 @@ import posixpath
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
-from .. import moves, servers, tasks
+from .. import moves, servers, tasks, vms
 from ..extensions import db
 from ..models import VM, Server, ServerDisk, VMState, utcnow
 from ..vmm import domains, images, migrate
@@ -23,6 +23,7 @@ from ..vmm.errors import VmmError
 from . import Progress, task_job
 from . import livesync as livesync_jobs
 from . import networks as network_jobs
+from . import vms as vm_jobs
 from .vms import _unshared_caches
 
 MIB = 1 << 20
@@ -87,6 +88,11 @@ def _put_caches(progress: Progress, vm: VM, src, dst, paths: dict[str, str], pre
             progress.log(f"Copied {name} to {dst.target.hostname} (verified).")
         else:
             progress.log(f"{name} is cached on {dst.target.hostname} already.")
+    seed_at = paths.get(vms.seed_path(vm))
+    if seed_at:  # the cloud-init seed: rendered again on the target rather than copied
+        migrate.make_dir(dst, posixpath.dirname(seed_at), prepared)
+        vm_jobs.write_seed(progress, dst, vm, at=seed_at)
+        prepared.files.append(seed_at)
 
 
 def _commit_move(vm_id: int, plan: _Plan, how: str, state: VMState, user_id: int | None) -> None:

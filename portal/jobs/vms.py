@@ -42,13 +42,14 @@ def domain_spec(vm: VM) -> DomainSpec:
     )
 
 
-def write_seed(progress: Progress, session, vm: VM) -> bool:
-    """Render the VM's NoCloud seed ISO from its attributes and NICs onto its server (cloud-init appliances)."""
+def write_seed(progress: Progress, session, vm: VM, *, at: str | None = None) -> bool:
+    """Render the VM's NoCloud seed ISO from its attributes and NICs onto its server (cloud-init appliances),
+    or *at* another path (a move's target)."""
     if not attributes.wants_seed(vm):
         return False
     data = attributes.seed_for(vm)
     progress.log(f"Writing the cloud-init seed ({len(data.attributes)} attribute(s), {len(data.nics)} NIC(s)).")
-    seed.write(session, data, vms.seed_path(vm))
+    seed.write(session, data, at or vms.seed_path(vm))
     return True
 
 
