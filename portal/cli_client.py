@@ -20,6 +20,10 @@ Verbs (``corral-cli --help``)::
     list host attr NAME
     set host attr NAME KEY=VALUE
     remove host attr NAME KEY
+    list cluster [status=y]
+    add cluster FQDN IP N [appliance=A] [mem=MB] [cpus=N] [disk=GB] [fe-mem=MB] [fe-cpus=N] [fe-disk=GB]
+                [servers=H1,H2] [vlan=V] [public=NETWORK] [uplink=NIC] [clone=n]
+    start|stop|shutdown|remove cluster NAME
 
 Tables are aligned like Rocks' listings; ``--json`` prints the API's documents. Long operations
 show a progress bar and wait for their task (``--no-wait``: print it and return).
@@ -55,7 +59,13 @@ USAGE_TEXT = """corral-cli [--json] [--no-wait] VERB ...
   add vmkey APPLIANCE KEY [KEY ...]
   list host attr NAME           (the VM's resolved attributes; SOURCE G global, A appliance, O OS, H the VM)
   set host attr NAME KEY=VALUE
-  remove host attr NAME KEY"""
+  remove host attr NAME KEY
+  list cluster [status=y]
+  add cluster FQDN IP N [appliance=A] [mem=MB] [cpus=N] [disk=GB] [fe-mem=MB] [fe-cpus=N] [fe-disk=GB]
+              [servers=H1,H2] [vlan=V] [public=NETWORK] [uplink=NIC] [clone=n]
+  start|stop|shutdown|remove cluster NAME   (NAME: the FQDN or its first label)"""
+CLUSTER_OPTIONS = {"appliance", "mem", "cpus", "disk", "fe-mem", "fe-cpus", "fe-disk", "servers", "vlan", "public",
+                   "uplink", "clone"}
 
 
 class CliError(Exception):
@@ -169,6 +179,64 @@ def network_table(nets: list[dict]) -> str:
                  [[f"{n['name']}:", n["kind"], n["vlan"], n["cidr"], n["uplink"], len(n["vms"])] for n in nets])
 
 
+def cluster_table(clusters: list[dict], status: bool) -> str:
+    """Rocks' ``list cluster``: each frontend, then its client nodes, with where each runs (and its state)."""
+    rows = []
+    for c in clusters:
+        for vm in c["vms"]:
+            first = vm["role"] == "frontend"
+            rows.append([f"{c['name']}:" if first else f"{'-' * len(c['name'])}:", None if first else vm["name"],
+                         "VM", vm["server"], vm["macs"][0] if vm["macs"] else None] + ([vm["state"]] if status else []))
+        if not c["vms"]:
+            rows.append([f"{c['name']}:", None, "VM", None, None] + ([c["state"]] if status else []))
+    return table(["FRONTEND", "CLIENT NODES", "TYPE", "HOST", "MAC"] + (["STATUS"] if status else []), rows)
+
+
+def cluster_body(client: Client, fqdn: str, ip: str, n: str, kv: dict[str, str]) -> dict:
+    """``add cluster``'s request: sizes default to the appliance's smallest memory, as Rocks' defaults are small."""
+    if not n.isdigit():
+        raise CliError(USAGE, f"N (the number of computes) is a whole number, not {n!r}.")
+    if "appliance" in kv:
+        appliance = client.appliance(kv["appliance"])
+    else:
+        ready = [a for a in client.all("/library/appliances") if a.get("state", "ready") == "ready"]
+        if len(ready) != 1:
+            raise CliError(USAGE, "Name the appliance: appliance=NAME (the library has "
+                                  f"{len(ready)} ready appliances).")
+        appliance = ready[0]
+    low = appliance.get("min_memory_mb", 512)
+
+    def sizing(prefix: str) -> dict:
+        out = {"memory_mb": whole(kv.get(f"{prefix}mem", str(low)), f"{prefix}mem"),
+               "vcpus": whole(kv.get(f"{prefix}cpus", "1"), f"{prefix}cpus")}
+        if f"{prefix}disk" in kv:
+            out["disk_gb"] = whole(kv[f"{prefix}disk"], f"{prefix}disk")
+        return out
+
+    body = {"fqdn": fqdn, "public_ip": ip, "computes": int(n), "appliance_id": appliance["id"],
+            "frontend": sizing("fe-"), "compute": sizing(""), "clone": kv.get("clone", "y").lower() in ("y", "yes")}
+    if kv.get("servers"):
+        body["server_ids"] = [client.server(h)["id"] for h in kv["servers"].split(",") if h]
+    if kv.get("vlan"):
+        body["vlan"] = whole(kv["vlan"], "vlan")
+    if kv.get("public"):
+        found = [net for net in client.call("GET", "/networks")["items"] if net["name"] == kv["public"]]
+        if not found:
+            raise CliError(REFUSED, f"No network called {kv['public']}.")
+        body["public_network_id"] = found[0]["id"]
+    if kv.get("uplink"):
+        body["uplink"] = kv["uplink"]
+    return body
+
+
+def find_cluster(client: Client, name: str) -> dict:
+    name = name.lower().rstrip(".")
+    found = [c for c in client.call("GET", "/clusters")["items"] if name in (c["name"], c["name"].split(".")[0])]
+    if not found:
+        raise CliError(REFUSED, f"No virtual cluster called {name} that you may see.")
+    return found[0]
+
+
 def key_table(pool: dict) -> str:
     return table(["KEY", "VM"], [[k["key"], k["vm"]] for k in pool["keys"]])
 
@@ -262,6 +330,25 @@ def run(args: argparse.Namespace, client: Client) -> int:
         return OK
     if len(words) >= 4 and words[1:3] == ["host", "attr"]:
         return attr_verb(args, client, words[0], words[3], words[4:])
+    if words[:2] == ["list", "cluster"]:
+        _, kv = options(words[2:], {"status"})
+        found = client.call("GET", "/clusters")["items"]
+        status = kv.get("status", "n").lower() in ("y", "yes", "true", "1")
+        print(json.dumps(found, indent=2) if args.json else cluster_table(found, status), file=out)
+        return OK
+    if words[:2] == ["add", "cluster"]:
+        plain, kv = options(words[2:], CLUSTER_OPTIONS)
+        if len(plain) != 3:
+            raise CliError(USAGE, "add cluster FQDN IP N [appliance=A] [mem=MB] [fe-mem=MB] [servers=H1,H2] ...")
+        return finish(args, client, client.call("POST", "/clusters", cluster_body(client, *plain, kv)))
+    if len(words) == 3 and words[1] == "cluster" and (words[0] in POWER_VERBS or words[0] == "remove"):
+        cluster = find_cluster(client, words[2])
+        if words[0] == "remove":
+            return finish(args, client, client.call("DELETE", f"/clusters/{cluster['id']}"))
+        action = POWER_VERBS[words[0]]
+        if action not in ("start", "poweroff", "shutdown"):
+            raise CliError(USAGE, "start|stop|shutdown|remove cluster NAME")
+        return finish(args, client, client.call("POST", f"/clusters/{cluster['id']}/actions", {"action": action}))
     if len(words) >= 4 and words[1:3] == ["host", "vm"]:
         verb, name, rest = words[0], words[3], words[4:]
         if verb in POWER_VERBS and not rest:
