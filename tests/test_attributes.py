@@ -250,6 +250,13 @@ def test_api_lists_with_sources_sets_and_unsets(app, client):
     assert r.get_json()["scope"] == "appliance" and len(r.get_json()["items"]) == 1
     r = client.delete(f"/api/v1/attributes?scope=appliance&target={ids['appliance']}&key=corral_motd", headers=boss)
     assert r.status_code == 200 and r.get_json()["items"] == []
+    url = f"/api/v1/library/appliances/{ids['appliance']}/cloud-init"
+    r = client.put(url, json={"os_type": "Bad OS", "cloud_init": False}, headers=boss)
+    assert r.status_code == 422 and "OS type" in r.get_json()["error"]["message"]
+    r = client.put(url, json={"os_type": "alpine", "cloud_init": False}, headers=boss)
+    assert r.get_json() == {"id": ids["appliance"], "name": "cloudy", "os_type": "alpine", "cloud_init": False}
+    assert client.get(f"/api/v1/vms/{ids['vm']}/attributes", headers=pow_).get_json()["cloud_init"] is False
+    assert client.put(url, json={"cloud_init": True}, headers=pow_).status_code == 403
 
 
 # --- on the bed: a VM from a cloud-init appliance boots with its seed and prints an attribute ---------------

@@ -171,3 +171,37 @@ def unset_attribute(query):
     scope = _scope(query["scope"], query["target"])
     _unset(scope, query["key"])
     return scoped_out(scope)
+
+
+# --- an appliance's OS type and cloud-init flag (managers) -----------------------------------
+
+class ApplianceCloudInit(Schema):
+    os_type = fields.Str(load_default="", validate=validate.Length(max=32),
+                         metadata={"description": "its OS type (OS attributes apply); empty: none"})
+    cloud_init = fields.Bool(required=True, metadata={"description": "its guests run cloud-init: VMs get a seed "
+                                                                    "CD-ROM at create and every power on"})
+
+
+class ApplianceCloudInitOut(Schema):
+    id = fields.Int(required=True)
+    name = fields.Str(required=True)
+    os_type = fields.Str(allow_none=True, required=True)
+    cloud_init = fields.Bool(required=True)
+
+
+@operation("PUT", "/library/appliances/<int:appliance_id>/cloud-init",
+           summary="Set an appliance's OS type and whether its guests get a cloud-init seed (managers)",
+           tag="attributes", body=ApplianceCloudInit, response=ApplianceCloudInitOut)
+def set_appliance_cloud_init(appliance_id: int, body):
+    _manager_only()
+    appliance = db.session.get(Appliance, appliance_id)
+    if appliance is None:
+        raise ApiError(404, "not_found", "No such appliance.")
+    try:
+        attributes.set_appliance_os(appliance, os_type=body["os_type"], cloud_init=body["cloud_init"])
+    except attributes.AttributeError_ as exc:
+        db.session.rollback()
+        raise ApiError(422, "invalid", str(exc), {"os_type": [str(exc)]}) from exc
+    db.session.commit()
+    return {"id": appliance.id, "name": appliance.name, "os_type": appliance.os_type,
+            "cloud_init": appliance.cloud_init}

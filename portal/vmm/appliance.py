@@ -23,6 +23,10 @@ initramfs whose ``/init`` (see :data:`INIT_SCRIPT`):
   seen on serial is durably on the disk: a data-loss check compares the last
   serial heartbeat with :func:`read_disk_heartbeat` of the (copied / failed
   over) disk.  After a reboot the counter continues from the disk's value;
+* when the OEM strings carry ``corral.seed=cidata`` (a NoCloud seed CD-ROM is attached, see
+  :mod:`portal.vmm.seed`): loads the IDE CD-ROM and ISO 9660 modules (:data:`SEED_MODULES`),
+  mounts the CD and prints ``CORRAL-ATTR key=value`` for each ``corral_*`` attribute of its
+  ``user-data`` (:data:`ATTR_MARKER`); without it nothing of this runs;
 * runs an interactive busybox shell on ``ttyS0`` (respawned when it exits), so the
   web console's serial terminal answers typed commands;
 * on an ACPI power-button press (``virsh shutdown``) finishes the current

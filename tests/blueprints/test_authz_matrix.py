@@ -312,6 +312,8 @@ API_MATRIX: dict[str, tuple[str, str, dict | None, dict]] = {
                              {"anon": API_ANON, "regular": 403, "power": 403, "manager": 200}),
     "api_v1.unset_attribute": ("DELETE", "/api/v1/attributes?scope=global&key=nosuch", None,
                                {"anon": API_ANON, "regular": 403, "power": 403, "manager": 404}),
+    "api_v1.set_appliance_cloud_init": ("PUT", "/api/v1/library/appliances/999999/cloud-init", {"cloud_init": True},
+                                        {"anon": API_ANON, "regular": 403, "power": 403, "manager": 404}),
     # Virtual clusters (as their pages; no such appliance: 422 once authorised; no VMs: nothing to start).
     "api_v1.list_clusters": ("GET", "/api/v1/clusters", None,
                              {"anon": API_ANON, "regular": 200, "power": 200, "manager": 200}),
