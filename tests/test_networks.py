@@ -1,10 +1,14 @@
 """Networks: the rules (names, VLANs, subnets, reservations, NIC choices), the managers' page, and on the
-bed two VMs on two servers on one VLAN reaching each other while a VM on another VLAN stays out of reach."""
+bed two VMs on two servers on one VLAN reaching each other while a VM on another VLAN stays out of reach,
+and a VM on a NAT network taking its address by DHCP and reaching the bed's router through the NAT."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import re
+import threading
 
 import pytest
 
@@ -14,7 +18,8 @@ from portal.models import NIC, VM, Network, Role, Server
 from portal.vmm import netdev
 from portal.vmm.facts import probe_facts
 from tests.conftest import log_in_client, make_server, make_user, make_vm, run_worker_burst
-from tests.vm_util import act, bed_session, last_task, vm_row, wait_serial
+from tests.bed.core import BRIDGE_ADDRESS
+from tests.vm_util import act, bed_session, last_task, serial_command, vm_row, wait_serial
 
 
 def test_rules_refuse_bad_input_and_change_nothing(app):
@@ -163,6 +168,30 @@ def test_placement_and_moves_only_offer_servers_with_the_uplink(app):
 
 # --- on the bed -------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _http_server(address: str, body: bytes):
+    """A one-page HTTP server on *address* (the bed's router, in this namespace); yields its port."""
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer((address, 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
 def _curl(bed, index: int, url: str) -> str | None:
     """GET from inside a bed server's namespace (the guests serve their name with busybox httpd)."""
     r = bed.exec(index, ["curl", "-s", "--connect-timeout", "3", "--max-time", "5", url], check=False)
@@ -235,6 +264,20 @@ def test_vlan_network_across_two_servers(app, client, bed, bed_servers, bed_port
     assert _curl(bed, s1.index, "http://10.101.0.10/") == "t-neta"  # same server
     assert _curl(bed, s1.index, "http://10.101.0.11/") == "t-netb"  # the other server, over the VLAN
     assert _curl(bed, s1.index, "http://10.102.0.12/") is None  # another VLAN: out of reach
+
+    # NAT: c's second NIC takes its reserved address from the NAT network's DHCP, and c reaches out
+    # through server 2's masquerade to the bed's own router address (a loopback-only HTTP server there);
+    # the servers have no default route, so nothing leaves the bed.
+    assert bed.exec(s2.index, ["ip", "route", "show", "default"]).stdout.strip() == ""
+    with _http_server(BRIDGE_ADDRESS, b"corral-nat-ok\n") as port:
+        script = ("printf '#!/bin/sh\\n[ \"$1\" = bound ] && ip addr add $ip/$mask dev $interface "
+                  "&& ip route add default via $router\\n' > /tmp/dh; chmod +x /tmp/dh; ip link set eth1 up; "
+                  "udhcpc -i eth1 -n -q -t 10 -s /tmp/dh >/dev/null 2>&1; "
+                  "echo ADDR=$(ip -4 -o addr show eth1 | awk '{print $4}')=; "
+                  f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {BRIDGE_ADDRESS} {port} | sed 's/^/BODY-/'; "
+                  "echo DONE-$((40+2))")
+        out = serial_command(bed, s2, "t-netc", script, r"DONE-42", timeout=60)
+    assert "ADDR=10.103.0.50/24=" in out and "BODY-corral-nat-ok" in out, out
 
     for name, *_ in guests:
         vm = vm_row(app, name)

@@ -157,3 +157,37 @@ def boot_heartbeats(bs, name) -> list[int]:
     if "CORRAL-READY" not in text:
         return []
     return parse_serial_log(text[text.rindex("CORRAL-READY"):]).heartbeats
+
+
+_SERIAL_COMMAND = r"""
+import os, re, select, sys, termios, time, tty
+pty, command, marker, timeout = sys.argv[1], sys.argv[2], re.compile(sys.argv[3]), float(sys.argv[4])
+fd = os.open(pty, os.O_RDWR | os.O_NOCTTY)
+tty.setraw(fd)
+attrs = termios.tcgetattr(fd)
+attrs[3] &= ~termios.ECHO
+termios.tcsetattr(fd, termios.TCSANOW, attrs)
+os.write(fd, b"\x15" + command.encode() + b"\r")
+out, deadline = b"", time.monotonic() + timeout
+while time.monotonic() < deadline and not marker.search(out.decode(errors="replace")):
+    if select.select([fd], [], [], 0.2)[0]:
+        out += os.read(fd, 65536)
+sys.stdout.write(out.decode(errors="replace"))
+sys.exit(0 if marker.search(out.decode(errors="replace")) else 1)
+"""
+
+
+def serial_command(bed, bs, name: str, command: str, until: str, timeout: float = 60) -> str:
+    """Type *command* into the guest's serial shell (the test appliance runs one on ttyS0) through its
+    pty on the server, and return what came back once the regex *until* matched (the echo included;
+    choose an *until* the echoed command itself cannot match). Fails the test on a timeout."""
+    import re as _re
+
+    xml = bed.virsh(bs.index, "dumpxml", name).stdout
+    pty = _re.search(r"<console type='pty'[^>]*>\s*<source path='([^']+)'", xml) or \
+        _re.search(r"<serial type='pty'>\s*<source path='([^']+)'", xml)
+    assert pty, f"{name} has no serial pty"
+    r = bed.exec(bs.index, ["python3", "-c", _SERIAL_COMMAND, pty.group(1), command, until, str(timeout)],
+                 check=False, timeout=timeout + 30)
+    assert r.returncode == 0, f"{name} did not answer {command!r} with {until!r}:\n{r.stdout[-3000:]}"
+    return r.stdout
