@@ -72,6 +72,13 @@ def test_more_specific_overrides_with_source_letters(app):
         assert db.session.execute(db.select(db.func.count(Attribute.id)).where(Attribute.key == "timezone",
                                                                                Attribute.scope == "global")
                                   ).scalar_one() == 1
+        # a VM's and an appliance's own attributes go with them
+        db.session.delete(vm)
+        db.session.commit()
+        assert not db.session.execute(db.select(Attribute.id).where(Attribute.scope == "vm")).first()
+        db.session.execute(db.delete(Appliance).where(Appliance.id == ids["appliance"]))
+        db.session.commit()
+        assert not db.session.execute(db.select(Attribute.id).where(Attribute.scope == "appliance")).first()
 
 
 @pytest.mark.parametrize("key, message", [
