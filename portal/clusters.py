@@ -22,7 +22,7 @@ from sqlalchemy import Select, func
 
 from . import actionlog, macs, networks, permissions, quotas, tasks, vms
 from .extensions import db
-from .models import (VM, Appliance, ApplianceState, ClusterMember, Network, Role, Server, ServerDisk, ServerStatus,
+from .models import (NIC, VM, Appliance, ApplianceState, ClusterMember, Network, Role, Server, ServerDisk, ServerStatus,
                      User, VirtualCluster, VMState)
 
 FQDN_RE = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
@@ -312,8 +312,6 @@ def _add_vm(cluster: VirtualCluster, owner: User, appliance: Appliance, role: st
 
 
 def _add_nic(vm: VM, position: int, mac: str, net: Network | None) -> None:
-    from .models import NIC
-
     nic = NIC(vm_id=vm.id, position=position, mac=mac, network_id=net.id if net else None)
     db.session.add(nic)
     vm.nics.append(nic)

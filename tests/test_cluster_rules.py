@@ -259,3 +259,44 @@ def test_api_create_list_show_and_refusals(app, client):
     assert shown["vlan"] == 2 and shown["state"] == "creating"
     r = client.post(f"/api/v1/clusters/{listed[0]['id']}/actions", json={"action": "start"}, headers=h)
     assert r.status_code == 409 and "Nothing to start" in r.get_json()["error"]["message"]
+
+
+def test_cli_lists_clusters_rocks_style():
+    from portal.cli_client import cluster_table
+
+    doc = [{"name": "vc1.example.org", "state": "running", "vms": [
+        {"name": "vc1", "role": "frontend", "server": "node-a", "state": "running",
+         "macs": ["76:77:6e:80:00:00", "76:77:6e:80:00:01"]},
+        {"name": "vc1-0", "role": "compute", "server": "node-b", "state": "off", "macs": ["76:77:6e:80:00:02"]}]},
+        {"name": "empty.example.org", "state": "empty", "vms": []}]
+    assert cluster_table(doc, status=True).splitlines() == [
+        "FRONTEND           CLIENT NODES TYPE HOST   MAC               STATUS",
+        "vc1.example.org:   -----        VM   node-a 76:77:6e:80:00:00 running",
+        "---------------:   vc1-0        VM   node-b 76:77:6e:80:00:02 off",
+        "empty.example.org: -----        VM   -----  -----             empty"]
+    assert "STATUS" not in cluster_table(doc, status=False)
+
+
+def test_the_create_task_plans_each_servers_share(app):
+    """What each server's thread gets: the cluster's VLAN segment (VXLAN peers: the other server), the clones on
+    the cached base, cloud-init seeds for an appliance that wants them, and every domain's XML."""
+    from portal.jobs.clusters import plan
+
+    with app.app_context():
+        a, b = make_server("node-a"), make_server("node-b")
+        appliance_id = _appliance()
+        db.session.get(Appliance, appliance_id).cloud_init = True
+        cluster = clusters.record_new(make_user("boss", Role.MANAGER), _req(appliance_id, computes=2,
+                                                                            compute=clusters.Sizing(128, 1, 3)))
+        db.session.commit()
+        work = {w.hostname: w for w in plan(cluster, clusters.vms_of(cluster))}
+        assert sorted(work) == ["node-a", "node-b"]
+        seg = work["node-a"].segments[0]
+        assert (seg.bridge, seg.vlan, seg.local, seg.peers) == ("cbr2", 2, a.address, (b.address,))
+        disks = work["node-a"].disks
+        assert [d.vm for d in disks] == ["vc1", "vc1-1"]
+        assert all(d.base and d.base.endswith(".qcow2") and "/corral-bases/" in d.base for d in disks)
+        assert [d.grow_gb for d in disks] == [None, 3]  # computes' boot disks grow to 3 GB after cloning
+        assert [name for name, _ in work["node-b"].domains] == ["vc1-0"]
+        assert "76:77:6e:80:00:02" in work["node-b"].domains[0][1]
+        assert [s.hostname for s, _ in work["node-a"].seeds] == ["vc1", "vc1-1"]

@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import clusters, networks, servers, vms
+from .. import attributes, clusters, networks, servers, vms
 from ..extensions import db
 from ..models import VM, ApplianceDisk, Server, ServerStatus, VirtualCluster, VMState, utcnow
-from ..vmm import domains, images, netdev
+from ..vmm import domains, images, netdev, seed
 from ..vmm.domain import render
 from ..vmm.session import Target, open_session
 from . import Progress, task_job
@@ -51,10 +51,11 @@ class ServerWork:
     target: Target
     segments: list = field(default_factory=list)
     disks: list[DiskWork] = field(default_factory=list)
+    seeds: list[tuple[seed.Seed, str]] = field(default_factory=list)  # cloud-init appliances: (seed, its path)
     domains: list[tuple[str, str]] = field(default_factory=list)  # (VM name, domain XML)
 
 
-def _plan(cluster: VirtualCluster, members: list[VM]) -> list[ServerWork]:
+def plan(cluster: VirtualCluster, members: list[VM]) -> list[ServerWork]:
     """Record each disk's path, then describe every server's work (the chosen servers get the network
     even without a VM)."""
     by_server: dict[int, ServerWork] = {}
@@ -90,12 +91,14 @@ def _plan(cluster: VirtualCluster, members: list[VM]) -> list[ServerWork]:
                                        vd.size_gb if vd.size_gb > size else None))
     db.session.commit()
     for vm in members:
+        if attributes.wants_seed(vm):
+            by_server[vm.server_id].seeds.append((attributes.seed_for(vm), vms.seed_path(vm)))
         by_server[vm.server_id].domains.append((vm.name, render(vm_jobs.domain_spec(vm))))
     return list(by_server.values())
 
 
 def _build(work: ServerWork, events: queue.Queue) -> None:
-    """One server's share (runs in a thread): network, cached bases, disks, domains."""
+    """One server's share (runs in a thread): network, cached bases, disks, cloud-init seeds, domains."""
     with open_session(work.target) as session:
         for seg in work.segments:
             if isinstance(seg, netdev.NatNetwork):
@@ -116,6 +119,8 @@ def _build(work: ServerWork, events: queue.Queue) -> None:
             if d.grow_gb:
                 images.resize(session, d.path, d.grow_gb)
             events.put(("disk", d.vm))
+        for data, path in work.seeds:
+            seed.write(session, data, path)
         for name, xml in work.domains:
             domains.define(session, xml)
             events.put(("defined", name))
@@ -124,13 +129,13 @@ def _build(work: ServerWork, events: queue.Queue) -> None:
 def build(progress: Progress, cluster: VirtualCluster, members: list[VM]) -> None:
     """Make the members on their servers, every server at once; raises the first failure after all ended."""
     progress.step(f"Planning {len(members)} VM(s) of {cluster.name}", 5)
-    plan = _plan(cluster, members)
-    progress.step(f"Creating the network, disks and domains on {', '.join(w.hostname for w in plan)} at once", 10)
+    shares = plan(cluster, members)
+    progress.step(f"Creating the network, disks and domains on {', '.join(w.hostname for w in shares)} at once", 10)
     events: queue.Queue = queue.Queue()
-    total = sum(len(w.disks) + len(w.domains) for w in plan) or 1
+    total = sum(len(w.disks) + len(w.domains) for w in shares) or 1
     done = 0
-    with ThreadPoolExecutor(max_workers=max(1, len(plan)), thread_name_prefix="cluster") as pool:
-        futures = [pool.submit(_build, w, events) for w in plan]
+    with ThreadPoolExecutor(max_workers=max(1, len(shares)), thread_name_prefix="cluster") as pool:
+        futures = [pool.submit(_build, w, events) for w in shares]
         while not all(f.done() for f in futures) or not events.empty():
             try:
                 kind, what = events.get(timeout=0.2)
