@@ -20,6 +20,7 @@ Verbs (``corral-cli --help``)::
     list host attr NAME
     set host attr NAME KEY=VALUE
     remove host attr NAME KEY
+    list|set|remove attr, appliance attr APPLIANCE, os attr OS (managers; as for host attr)
     list cluster [status=y]
     add cluster FQDN IP N [appliance=A] [mem=MB] [cpus=N] [disk=GB] [fe-mem=MB] [fe-cpus=N] [fe-disk=GB]
                 [servers=H1,H2] [vlan=V] [public=NETWORK] [uplink=NIC] [clone=n]
@@ -60,6 +61,9 @@ USAGE_TEXT = """corral-cli [--json] [--no-wait] VERB ...
   list host attr NAME           (the VM's resolved attributes; SOURCE G global, A appliance, O OS, H the VM)
   set host attr NAME KEY=VALUE
   remove host attr NAME KEY
+  list attr | set attr KEY=VALUE | remove attr KEY               (global; managers)
+  list|set|remove appliance attr APPLIANCE [KEY=VALUE|KEY]       (managers)
+  list|set|remove os attr OS [KEY=VALUE|KEY]                     (managers)
   list cluster [status=y]
   add cluster FQDN IP N [appliance=A] [mem=MB] [cpus=N] [disk=GB] [fe-mem=MB] [fe-cpus=N] [fe-disk=GB]
               [servers=H1,H2] [vlan=V] [public=NETWORK] [uplink=NIC] [clone=n]
@@ -241,25 +245,33 @@ def key_table(pool: dict) -> str:
     return table(["KEY", "VM"], [[k["key"], k["vm"]] for k in pool["keys"]])
 
 
-def attr_table(doc: dict) -> str:
-    return table(["HOST", "ATTR", "VALUE", "SOURCE"],
-                 [[f"{doc['vm']}:", a["key"], a["value"].replace("\n", "\\n"), a["source"]] for a in doc["items"]])
+def attr_table(kind: str, owner: str | None, items: list[dict]) -> str:
+    rows = [[a["key"], a["value"].replace("\n", "\\n"), a["source"]] for a in items]
+    if owner is None:
+        return table(["ATTR", "VALUE", "SOURCE"], rows)
+    return table([kind.upper(), "ATTR", "VALUE", "SOURCE"], [[f"{owner}:", *row] for row in rows])
 
 
-def attr_verb(args: argparse.Namespace, client: Client, verb: str, name: str, rest: list[str]) -> int:
-    """Rocks' ``list|set|remove host attr``, on a VM's own attributes."""
-    vm = client.vm(name)
-    path = f"/vms/{vm['id']}/attributes"
+def attr_verb(args: argparse.Namespace, client: Client, verb: str, kind: str, name: str | None,
+              rest: list[str]) -> int:
+    """Rocks' ``list|set|remove [host|appliance|os] attr``: a VM's own (resolved when listed), or a
+    global, appliance or OS-type attribute."""
+    if kind == "host":
+        path, scope = f"/vms/{client.vm(name)['id']}/attributes", {}
+    else:
+        target = str(client.appliance(name)["id"]) if kind == "appliance" else (name or "")
+        path, scope = "/attributes", {"scope": kind, "target": target}
     if verb == "list" and not rest:
-        doc = client.call("GET", path)
+        doc = client.call("GET", path, **scope)
     elif verb == "set" and len(rest) == 1 and "=" in rest[0]:
         key, _, value = rest[0].partition("=")
-        doc = client.call("PUT", path, {"key": key, "value": value})
+        doc = client.call("PUT", path, {**scope, "key": key, "value": value})
     elif verb == "remove" and len(rest) == 1:
-        doc = client.call("DELETE", path, key=rest[0])
+        doc = client.call("DELETE", path, key=rest[0], **scope)
     else:
-        raise CliError(USAGE, "list host attr NAME | set host attr NAME KEY=VALUE | remove host attr NAME KEY")
-    print(json.dumps(doc, indent=2) if args.json else attr_table(doc))
+        where = "attr " if kind == "global" else f"{kind} attr {kind.upper()} "
+        raise CliError(USAGE, f"list {where.strip()} | set {where}KEY=VALUE | remove {where}KEY")
+    print(json.dumps(doc, indent=2) if args.json else attr_table(kind, name, doc["items"]))
     return OK
 
 
@@ -328,8 +340,10 @@ def run(args: argparse.Namespace, client: Client) -> int:
                                                      "keys": words[3:]})
         print(json.dumps(pool, indent=2) if args.json else f"{pool['free']} free key(s) in the pool", file=out)
         return OK
-    if len(words) >= 4 and words[1:3] == ["host", "attr"]:
-        return attr_verb(args, client, words[0], words[3], words[4:])
+    if len(words) >= 4 and words[1:3] in (["host", "attr"], ["appliance", "attr"], ["os", "attr"]):
+        return attr_verb(args, client, words[0], words[1], words[3], words[4:])
+    if len(words) >= 2 and words[1] == "attr":
+        return attr_verb(args, client, words[0], "global", None, words[2:])
     if words[:2] == ["list", "cluster"]:
         _, kv = options(words[2:], {"status"})
         found = client.call("GET", "/clusters")["items"]

@@ -381,22 +381,36 @@ def test_corral_cli_lists_sets_and_removes_host_attrs(app, live_server, tmp_path
         _set(attributes.GLOBAL, "timezone", "UTC")
         pow_ = db.session.get(User, db.session.get(VM, ids["vm"]).owner_id)
         token = api_tokens.create(pow_, name="cli", scope="write", expires_in_days=None)[1]
+        boss = api_tokens.create(db.session.get(User, ids["boss"]), name="cli", scope="write",
+                                 expires_in_days=None)[1]
         db.session.commit()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     env.update({"XDG_CONFIG_HOME": str(tmp_path), "CORRAL_URL": live_server, "CORRAL_TOKEN": token})
     cli = str(Path(sys.executable).with_name("corral-cli"))
 
-    def run(*args):
-        return subprocess.run([cli, *args], capture_output=True, text=True, env=env, timeout=60)
+    def run(*args, who=token):
+        return subprocess.run([cli, *args], capture_output=True, text=True, env={**env, "CORRAL_TOKEN": who},
+                              timeout=60)
+
+    # the managers' scopes: global, appliance (by name), OS type
+    assert run("set", "appliance", "attr", "cloudy", "corral_app=a1", who=boss).returncode == 0
+    assert run("set", "os", "attr", "debian12", "corral_os=o1", who=boss).returncode == 0
+    assert [line.split() for line in run("list", "os", "attr", "debian12", who=boss).stdout.splitlines()] == [
+        ["OS", "ATTR", "VALUE", "SOURCE"], ["debian12:", "corral_os", "o1", "O"]]
+    assert [line.split() for line in run("list", "attr", who=boss).stdout.splitlines()] == [
+        ["ATTR", "VALUE", "SOURCE"], ["timezone", "UTC", "G"]]
+    assert run("remove", "appliance", "attr", "cloudy", "corral_app", who=boss).returncode == 0
+    assert run("set", "attr", "x=1").returncode == 1  # a power user: the managers' scope
 
     r = run("set", "host", "attr", "pvm", "corral_motd=two words")
     assert r.returncode == 0, r.stderr
     rows = [line.split() for line in run("list", "host", "attr", "pvm").stdout.splitlines()]
     assert rows == [["HOST", "ATTR", "VALUE", "SOURCE"], ["pvm:", "corral_motd", "two", "words", "H"],
-                    ["pvm:", "timezone", "UTC", "G"]]
+                    ["pvm:", "corral_os", "o1", "O"], ["pvm:", "timezone", "UTC", "G"]]
     bad = run("set", "host", "attr", "pvm", "9x=1")
     assert bad.returncode == 1 and "does not start with a digit" in bad.stderr
     assert run("remove", "host", "attr", "pvm", "corral_motd").returncode == 0
-    assert [i["key"] for i in json.loads(run("--json", "list", "host", "attr", "pvm").stdout)["items"]] == ["timezone"]
+    assert [i["key"] for i in json.loads(run("--json", "list", "host", "attr", "pvm").stdout)["items"]] == [
+        "corral_os", "timezone"]
     assert run("remove", "host", "attr", "pvm", "corral_motd").returncode == 1  # not set any more
     assert run("list", "host", "attr", "rvm").returncode == 1  # someone else's VM: not found
