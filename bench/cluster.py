@@ -28,10 +28,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.provision import _instance, _redis  # noqa: E402
-from portal import library, networks  # noqa: E402
+from bench.provision import _redis, bench_instance  # noqa: E402
+from portal import networks  # noqa: E402
 from portal.extensions import db  # noqa: E402
-from portal.models import VM, Role, ServerDisk, User, VirtualCluster  # noqa: E402
+from portal.models import VM, ServerDisk, VirtualCluster  # noqa: E402
 from portal.vmm.detect import local_domain_type  # noqa: E402
 
 MEMORY_MB = 128
@@ -61,6 +61,16 @@ def _wait_gone(app, prefix: str, timeout: float = 300) -> None:
             return
         time.sleep(0.1)
     raise TimeoutError(f"{prefix}* VMs were not deleted")
+
+
+def _sweep(bed, bs) -> None:
+    """Whatever a failed run left on a bed server: the bench's domains and Corral's folders."""
+    names = bed.virsh(bs.index, "list", "--all", "--name", check=False).stdout.split()
+    for name in (n for n in names if n.startswith(("bc", "bv", "warm"))):
+        bed.virsh(bs.index, "destroy", name, check=False)
+        bed.virsh(bs.index, "undefine", name, check=False)
+    for folder in ("corral-vms", "corral-bases"):
+        shutil.rmtree(bs.host_path(f"{bs.disk_dir}/{folder}"), ignore_errors=True)
 
 
 def cluster_round(app, client, r: int, appliance: int, sids: list[int], computes: int) -> float:
@@ -124,17 +134,11 @@ def main(argv=None) -> int:
     redis_proc, redis_url = _redis(root)
     worker = None
     try:
-        app = _instance(root, redis_url)
-        sids = [register_bed_server(app, bs) for bs in pair]
+        app, first, appliance, first_disk, token = bench_instance(bed, pair[0], root, redis_url)
+        sids = [first, register_bed_server(app, pair[1])]
         with app.app_context():
-            app.config["APPLIANCE_CACHE"] = str(bed.appliance_cache)
-            appliance = library.ensure_test_appliance().id
-            user = User(username="bench", role=Role.MANAGER.value, password_hash="x")
-            db.session.add(user)
-            db.session.commit()
-            token = f"{user.id}:{user.session_version}"
-            disks = [db.session.execute(db.select(ServerDisk.id).where(ServerDisk.server_id == s)).scalar_one()
-                     for s in sids]
+            disks = [first_disk, db.session.execute(db.select(ServerDisk.id).where(ServerDisk.server_id == sids[1])
+                                                    ).scalar_one()]
         client = app.test_client()
         with client.session_transaction() as sess:
             sess["_user_id"], sess["_fresh"] = token, True
@@ -158,23 +162,17 @@ def main(argv=None) -> int:
             print(f"  round {r + 1}: cluster {cluster[-1]:6.2f} s, one by one {serial[-1]:6.2f} s")
         c, s = statistics.median(cluster), statistics.median(serial)
         print("\nrequest -> every VM defined (median seconds)")
-        print(f"  virtual cluster (one task, both servers at once):    {c:6.2f}  (min {min(cluster):.2f}, "
-              f"max {max(cluster):.2f})")
-        print(f"  the same VMs as {1 + args.computes} New VM requests, one task each:  {s:6.2f}  "
-              f"(min {min(serial):.2f}, max {max(serial):.2f})")
+        ways = {"virtual cluster (one task, both servers at once)": cluster,
+                f"the same VMs as {1 + args.computes} New VM requests, one task each": serial}
+        for label, times in ways.items():
+            print(f"  {label + ':':<56}{statistics.median(times):6.2f}  (min {min(times):.2f}, max {max(times):.2f})")
         print(f"  ratio {c / s:.2f}x; goal at most 0.6x: {'OK' if c / s <= 0.6 else 'OVER'}")
     finally:
         if worker is not None:
             worker.terminate()
             worker.wait(timeout=20)
         for bs in pair:
-            for name in subprocess.run(["virsh", "-c", bs.uri_tcp, "list", "--all", "--name"], capture_output=True,
-                                       text=True).stdout.split():
-                if name.startswith(("bc", "bv", "warm")):
-                    subprocess.run(["virsh", "-c", bs.uri_tcp, "destroy", name], capture_output=True)
-                    subprocess.run(["virsh", "-c", bs.uri_tcp, "undefine", name], capture_output=True)
-            subprocess.run(["rm", "-rf", str(bs.host_path(f"{bs.disk_dir}/corral-vms")),
-                            str(bs.host_path(f"{bs.disk_dir}/corral-bases"))])
+            _sweep(bed, bs)
         redis_proc.terminate()
         shutil.rmtree(root, ignore_errors=True)
     return 0
