@@ -18,7 +18,8 @@ from sqlalchemy import func
 
 from . import actionlog, license_keys, macs, quotas
 from .extensions import db
-from .models import NIC, VM, Appliance, ApplianceState, Role, Server, ServerDisk, ServerStatus, User, VirtualDisk, VMState
+from .models import (NIC, VM, Appliance, ApplianceState, ClusterMember, Role, Server, ServerDisk, ServerStatus, User,
+                     VirtualDisk, VMState)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,7}$")
 GIB = 1024 ** 3
@@ -239,6 +240,10 @@ def check_delete(vm: VM) -> None:
     """A VM is deleted while nothing runs in it (off, saved, crashed, or partially created)."""
     if vm.state not in DELETABLE:
         raise VMError(f"Power {vm.name} off before deleting it (it is {vm.state_enum.label}).")
+    member = db.session.get(ClusterMember, vm.id)
+    if member is not None and member.role == "frontend":
+        raise VMError(f"{vm.name} is the frontend of virtual cluster {member.cluster.name}: delete the cluster "
+                      "instead (its page removes every VM, disk and its VLAN).")
 
 
 @dataclass(frozen=True)

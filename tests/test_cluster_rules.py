@@ -300,3 +300,27 @@ def test_the_create_task_plans_each_servers_share(app):
         assert [name for name, _ in work["node-b"].domains] == ["vc1-0"]
         assert "76:77:6e:80:00:02" in work["node-b"].domains[0][1]
         assert [s.hostname for s, _ in work["node-a"].seeds] == ["vc1", "vc1-1"]
+
+
+def test_public_network_reservation_and_the_frontend_stays_with_its_cluster(app, client):
+    from portal import vms
+
+    with app.app_context():
+        make_server("node-a")
+        owner = make_user("boss", Role.MANAGER)
+        public = networks.create(name="pub", kind="bridged", uplink="br0", cidr="137.110.119.0/24")
+        cluster = clusters.record_new(owner, _req(_appliance(), computes=1, public_network_id=public.id))
+        db.session.commit()
+        fe, compute = clusters.vms_of(cluster)
+        assert fe.nics[1].network_id == public.id
+        assert [(r.mac, r.ip) for r in public.reservations] == [("76:77:6e:80:00:01", "137.110.119.118")]
+        assert networks.oem_strings(fe) == ("corral.ip=10.1.1.1/16",)  # the private NIC comes first, as in Rocks
+        fe.state = compute.state = "off"
+        with pytest.raises(vms.VMError, match="frontend of virtual cluster vc1.example.org: delete the cluster"):
+            vms.check_delete(fe)
+        vms.check_delete(compute)  # a compute may go from its own page too (its membership goes with it)
+        fe_id, cid = fe.id, cluster.id
+        db.session.commit()
+    log_in_client(client, "boss")
+    page = client.get(f"/vms/{fe_id}").get_data(as_text=True)
+    assert f'href="/clusters/{cid}"' in page and "(frontend)" in page

@@ -8,10 +8,16 @@ from flask_login import current_user, login_required
 
 from .. import actionlog, clusters, networks, permissions, quotas
 from ..extensions import db
-from ..models import VM, Appliance, ApplianceState, Server, ServerStatus, VirtualCluster
+from ..models import VM, Appliance, ApplianceState, ClusterMember, Server, ServerStatus, VirtualCluster
 from ..views_common import launch, page_or_partial
 
 bp = Blueprint("clusters", __name__, url_prefix="/clusters")
+
+
+@bp.app_template_global("cluster_member")
+def cluster_member(vm: VM) -> ClusterMember | None:
+    """The VM's place in a virtual cluster, for its page (None: not in one)."""
+    return db.session.get(ClusterMember, vm.id)
 
 
 @bp.route("/")
