@@ -378,7 +378,7 @@ def vms_of(cluster: VirtualCluster) -> list[VM]:
     return ([fe] if fe is not None else []) + computes(cluster)
 
 
-BUSY = (VMState.CREATING.value, VMState.MIGRATING.value, VMState.DELETING.value)
+BUSY = (VMState.MIGRATING.value,)
 
 
 def power_order(cluster: VirtualCluster, action: str) -> list[VM]:
@@ -404,11 +404,12 @@ def check_remove_compute(cluster: VirtualCluster, vm: VM) -> None:
 
 
 def check_delete(cluster: VirtualCluster) -> None:
-    """A cluster goes whatever its VMs do (running ones are powered off), but not while one is being made."""
+    """A cluster goes whatever its VMs do (running ones are powered off; ones whose creation died are removed
+    too), but not while one of them migrates. A task of the cluster's own under way makes a delete "busy"."""
     busy = [v.name for v in vms_of(cluster) if v.state in BUSY]
     if busy:
-        raise ClusterError(f"{', '.join(busy)} {'is' if len(busy) == 1 else 'are'} still being created or moved; "
-                           "delete the cluster when that task ends.")
+        raise ClusterError(f"{', '.join(busy)} {'is' if len(busy) == 1 else 'are'} moving to another server; "
+                           "delete the cluster when that ends.")
 
 
 def status(cluster: VirtualCluster) -> str:

@@ -230,7 +230,17 @@ def test_pages_create_refuse_and_list(app, client):
     assert "76:77:6e:80:00:01" in detail and "pc-1" in detail
     r = client.post(f"/clusters/{cid}/delete")
     assert r.status_code == 302
-    assert "still being created" in client.get(f"/clusters/{cid}").get_data(as_text=True)
+    assert "already under way" in client.get(f"/clusters/{cid}").get_data(as_text=True)  # its create task
+    with app.app_context():
+        db.session.execute(db.update(Task).values(state="failed", active_key=None))  # as if its worker died
+        db.session.execute(db.update(VM).where(VM.name == "pc-0").values(state="migrating"))
+        db.session.commit()
+    client.post(f"/clusters/{cid}/delete")
+    assert "pc-0 is moving to another server" in client.get(f"/clusters/{cid}").get_data(as_text=True)
+    with app.app_context():
+        db.session.execute(db.update(VM).where(VM.name == "pc-0").values(state="creating"))
+        db.session.commit()
+    assert "/tasks/" in client.post(f"/clusters/{cid}/delete").location  # VMs left "creating" go too
 
 
 def test_api_create_list_show_and_refusals(app, client):

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 
 from portal import api_tokens
 from portal.extensions import db
@@ -70,7 +71,7 @@ def test_cluster_lives_its_life_through_the_cli(app, bed, bed_servers, bed_porta
     assert made.returncode == 0 and "succeeded" in made.stdout, (made.stdout, made.stderr)
     with app.app_context():
         cluster = db.session.execute(db.select(VirtualCluster)).scalar_one()
-        vlan = cluster.vlan
+        vlan, cluster_id = cluster.vlan, cluster.id
         task = db.session.execute(db.select(Task).where(Task.kind == "cluster-create")).scalar_one()
         assert "disks and domains" in task.log and "as vxlan" in task.log, task.log
     # round robin: the frontend and compute 1 on the first server, compute 0 on the second; Rocks MACs
@@ -99,6 +100,21 @@ def test_cluster_lives_its_life_through_the_cli(app, bed, bed_servers, bed_porta
     bed.exec(s1.index, ["ip", "addr", "add", "10.1.0.250/16", "dev", f"cbr{vlan}"])
     assert _curl(bed, s1.index, "http://10.1.1.1/") == "t-cl"
     assert _curl(bed, s1.index, "http://10.1.255.254/") == "t-cl-0"
+
+    # a compute more (on the server with fewer of the cluster's VMs, the next MAC), then removed again
+    def act(body: dict) -> dict:
+        headers = {"Authorization": f"Bearer {token}"}
+        resp = requests.post(f"{live_server}/api/v1/clusters/{cluster_id}/actions", json=body, headers=headers,
+                             timeout=30)
+        assert resp.status_code == 202, resp.text
+        return requests.get(f"{live_server}{resp.json()['task_url']}?wait=60", headers=headers, timeout=90).json()
+
+    task = act({"action": "add-computes", "count": 1})
+    assert task["state"] == "succeeded", task
+    assert "t-cl-2" in _domains(s2) and "76:77:6e:80:00:04" in bed.virsh(s2.index, "dumpxml", "t-cl-2").stdout
+    task = act({"action": "remove-compute", "compute": "t-cl-2"})
+    assert task["state"] == "succeeded", task
+    assert "t-cl-2" not in _domains(s2) and not s2.host_path(f"{s2.disk_dir}/corral-vms/t-cl-2").exists()
 
     removed = cli("remove", "cluster", "t-cl.bed.test")
     assert removed.returncode == 0, (removed.stdout, removed.stderr)
