@@ -232,4 +232,15 @@ def _abandoned(task: Task) -> str | None:
             vm.state = VMState.PARTIAL.value
             db.session.flush()
             return f"{vm.name} is recorded as partially created; delete it to remove it."
+    if task.kind in ("cluster-create", "cluster-add-computes") and task.target_type == "virtualcluster":
+        from .models import VM, ClusterMember, VMState
+
+        made = db.session.execute(db.select(VM).join(ClusterMember, ClusterMember.vm_id == VM.id).where(
+            ClusterMember.cluster_id == task.target_id, VM.state == VMState.CREATING.value)).scalars().all()
+        for vm in made:
+            vm.state = VMState.PARTIAL.value
+        db.session.flush()
+        if made:
+            return (f"{', '.join(vm.name for vm in made)} {'is' if len(made) == 1 else 'are'} recorded as partially "
+                    "created; delete the cluster (or remove those computes) to remove what was made.")
     return None

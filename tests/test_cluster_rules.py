@@ -334,3 +334,27 @@ def test_public_network_reservation_and_the_frontend_stays_with_its_cluster(app,
     log_in_client(client, "boss")
     page = client.get(f"/vms/{fe_id}").get_data(as_text=True)
     assert f'href="/clusters/{cid}"' in page and "(frontend)" in page
+
+
+def test_a_create_task_whose_worker_died_leaves_partial_vms(app, client):
+    from datetime import timedelta
+
+    from portal import tasks
+
+    with app.app_context():
+        make_server("node-a")
+        make_user("boss", Role.MANAGER)
+        appliance = _appliance()
+    app.config["TEST_CLIENT_SENDS_CSRF"] = True
+    log_in_client(client, "boss")
+    form = {"fqdn": "dc.example.org", "public_ip": "137.110.119.118", "computes": "1", "appliance": str(appliance),
+            "frontend_memory_mb": "256", "compute_memory_mb": "128"}
+    assert client.post("/clusters/new", data=form).status_code == 302
+    with app.app_context():
+        task = db.session.execute(db.select(Task).where(Task.kind == "cluster-create")).scalar_one()
+        task.job_id = "gone"  # its job vanished with its worker
+        assert tasks.reconcile(task, grace=timedelta(0))
+        db.session.commit()
+        assert "dc, dc-0 are recorded as partially created" in task.log
+        assert {v.state for v in db.session.execute(db.select(VM)).scalars()} == {"partial"}
+        assert clusters.status(db.session.execute(db.select(VirtualCluster)).scalar_one()) == "partial"
