@@ -1,6 +1,6 @@
 """Virtual clusters on the bed: a frontend and two computes over two servers (linked clones, 128-256 MiB),
 driven with corral-cli against a live portal and a real worker: created in one task, started frontend first,
-listed with ``list cluster status=y``, reachable across servers on their VLAN, removed leaving nothing on any
+listed with ``list cluster status=y``, the frontend reaching a compute on the other server over their VLAN, removed leaving nothing on any
 server. A creation that fails on one server removes what it made on both."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from portal import api_tokens
 from portal.extensions import db
 from portal.models import VM, Network, Task, User, VirtualCluster
 from tests.conftest import run_worker_burst
-from tests.vm_util import wait_serial
+from tests.vm_util import serial_command, wait_serial
 
 CLI = str(Path(sys.executable).with_name("corral-cli"))
 pytestmark = pytest.mark.bed
@@ -100,6 +100,10 @@ def test_cluster_lives_its_life_through_the_cli(app, bed, bed_servers, bed_porta
     bed.exec(s1.index, ["ip", "addr", "add", "10.1.0.250/16", "dev", f"cbr{vlan}"])
     assert _curl(bed, s1.index, "http://10.1.1.1/") == "t-cl"
     assert _curl(bed, s1.index, "http://10.1.255.254/") == "t-cl-0"
+    # and guest to guest: the frontend (bed1) fetches compute 0's page (bed2) over the VLAN from its serial shell
+    out = serial_command(bed, s1, "t-cl", "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 10.1.255.254 80 | "
+                                          "sed 's/^/BODY-/'; echo DONE-$((40+2))", r"DONE-42", timeout=60)
+    assert "BODY-t-cl-0" in out, out
 
     # a compute more (on the server with fewer of the cluster's VMs, the next MAC), then removed again
     def act(body: dict) -> dict:
