@@ -1,7 +1,7 @@
 """Virtual clusters on the bed: a frontend and two computes over two servers (linked clones, 128-256 MiB),
 driven with corral-cli against a live portal and a real worker: created in one task, started frontend first,
-listed with ``list cluster status=y``, the frontend reaching a compute on the other server over their VLAN, removed leaving nothing on any
-server. A creation that fails on one server removes what it made on both."""
+listed with ``list cluster status=y``, the frontend reaching a compute on the other server over their VLAN,
+removed leaving nothing on any server. A creation that fails on one server removes what it made on both."""
 
 from __future__ import annotations
 
