@@ -226,6 +226,7 @@ def test_pages_create_refuse_and_list(app, client):
         cid = cluster.id
     listing = client.get("/clusters/").get_data(as_text=True)
     assert "pc.example.org" in listing and "creating" in listing
+    assert "vc-pc" not in client.get("/clusters/new").get_data(as_text=True)  # not a public network to offer
     detail = client.get(f"/clusters/{cid}").get_data(as_text=True)
     assert "76:77:6e:80:00:01" in detail and "pc-1" in detail
     r = client.post(f"/clusters/{cid}/delete")

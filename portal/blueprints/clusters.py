@@ -79,12 +79,14 @@ def new():
                                     .order_by(Appliance.name)).scalars().all()
     servers = db.session.execute(db.select(Server).where(Server.status == ServerStatus.UP.value)
                                  .order_by(Server.hostname)).scalars().all()
+    private = set(db.session.execute(db.select(VirtualCluster.network_id)).scalars())  # clusters' own networks
     try:
         vlan = clusters.next_free_vlan()
     except clusters.ClusterError:
         vlan = None
     return render_template("clusters/new.html", appliances=appliances, servers=servers, next_vlan=vlan,
-                           nets=networks.all_networks(), quota=quotas.lines(current_user),
+                           nets=[n for n in networks.all_networks() if n.id not in private],
+                           quota=quotas.lines(current_user),
                            max_computes=clusters.MAX_COMPUTES), 400 if request.method == "POST" else 200
 
 
