@@ -18,7 +18,7 @@ from typing import TypeVar
 
 from flask import abort, current_app
 from flask_login import current_user
-from sqlalchemy import Select, func
+from sqlalchemy import Select
 
 from . import actionlog, macs, networks, permissions, quotas, tasks, vms
 from .extensions import db
@@ -441,13 +441,6 @@ def can_change(user: User, cluster: VirtualCluster) -> bool:
 
 def all_visible(user: User) -> list[VirtualCluster]:
     return list(db.session.execute(visible(db.select(VirtualCluster), user).order_by(VirtualCluster.name)).scalars())
-
-
-def by_name(name: str) -> VirtualCluster | None:
-    name = name.strip().lower().rstrip(".")
-    return db.session.execute(db.select(VirtualCluster).where(
-        (VirtualCluster.name == name) | (func.substr(VirtualCluster.name, 1, len(name) + 1) == name + "."))
-    ).scalars().first()
 
 
 def get_or_404(cluster_id: int) -> VirtualCluster:
