@@ -254,11 +254,14 @@ def settle_moves(outcomes: list[PollOutcome]) -> list[str]:
                 log.warning("%s runs on %s, but re-homing it failed: %s", vm.name, server.hostname, exc)
                 continue
             notes.append(f"{vm.name} runs on {server.hostname}, not {old}: recorded there.")
+        if migrating and vm.name in seen[home]:
+            cleaned, complete = _remove_leftovers(vm, [sid for sid in seen if sid != home])
+            notes += cleaned
+            if not complete:
+                continue  # held as migrating: the next poll removes the rest, then settles it
         new = vm_state_for(seen[home].get(vm.name), None if migrating else vm.state)
         if new.value != vm.state:
             vm.state, vm.state_changed_at = new.value, utcnow()
-        if migrating and vm.name in seen[home]:
-            notes += _remove_leftovers(vm, [sid for sid in seen if sid != home])
     db.session.flush()
     for note in notes:
         log.info(note)
@@ -280,9 +283,10 @@ def _abort_orphaned_jobs(vm: VM, server_ids: list[int]) -> bool:
     return found
 
 
-def _remove_leftovers(vm: VM, server_ids: list[int]) -> list[str]:
-    """What an interrupted move left of *vm* on these servers (not its home) goes."""
-    notes = []
+def _remove_leftovers(vm: VM, server_ids: list[int]) -> tuple[list[str], bool]:
+    """What an interrupted move left of *vm* on these servers (not its home) goes. Returns notes, and
+    whether nothing is left (False: a server failed or still runs the incoming domain)."""
+    notes, complete = [], True
     for sid in server_ids:
         server = db.session.get(Server, sid)
         folders = [(moves.vm_dir_on(vm, d), d.mountpoint) for d in server.disks
@@ -292,12 +296,13 @@ def _remove_leftovers(vm: VM, server_ids: list[int]) -> list[str]:
                 removed = migrate.remove_leftovers(session, vm.name, folders)
         except VmmError as exc:
             notes.append(f"Removing what the move of {vm.name} left on {server.hostname} failed: {exc}")
+            complete = False
             continue
         if removed:
             detail = f"after an interrupted move, removed from {server.hostname}: {', '.join(removed)}"
             actionlog.record("vm-move-cleaned", target=vm, user_id=None, detail=detail)
             notes.append(f"{vm.name}: {detail}.")
-    return notes
+    return notes, complete
 
 
 def compact_samples(now: datetime | None = None) -> int:

@@ -220,8 +220,14 @@ def abort_orphaned_job(session: HostSession, name: str) -> bool:
     """Abort a job (a migration) libvirt still runs for the domain although the client that
     started it is gone; True when there was one (the domain settles once libvirt ends it)."""
     dom = domains.find(session, name)
-    if dom is None or not dom.isActive():
-        return False
+    try:
+        if dom is None or not dom.isActive():
+            return False
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return False  # an incoming domain libvirt tore down meanwhile
+        raise MigrationError(f"reading {name} on {session.target.hostname} failed: {exc.get_error_message()}") \
+            from exc
     reading = _job_progress(dom)
     if reading is None:
         return False
@@ -235,8 +241,15 @@ def remove_leftovers(session: HostSession, name: str, folders: list[tuple[str, s
     was removed, in words."""
     removed = []
     dom = domains.find(session, name)
+    try:
+        active = dom is not None and dom.isActive()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise MigrationError(f"reading {name} on {session.target.hostname} failed: {exc.get_error_message()}") \
+                from exc
+        dom = None  # an incoming domain libvirt was tearing down: gone now
     if dom is not None:
-        if dom.isActive():
+        if active:
             raise MigrationError(f"{name} runs on {session.target.hostname}: nothing removed there.")
         domains.undefine(session, name)
         removed.append(f"the definition of {name}")
