@@ -8,6 +8,7 @@ slowed down without locking the real owner out for long.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -21,8 +22,11 @@ from .models import User
 
 log = logging.getLogger(__name__)
 
-# Verifying against this keeps the timing of "no such user" like a real check.
-_DUMMY_HASH = generate_password_hash("corral-dummy-password", method="scrypt")
+@functools.cache
+def _dummy_hash() -> str:
+    """Verifying against this keeps the timing of "no such user" like a real check (made on first
+    use: every process imports this module, few log anyone in)."""
+    return generate_password_hash("corral-dummy-password", method="scrypt")
 
 
 def init_app(app: Flask) -> None:
@@ -50,7 +54,7 @@ def hash_password(password: str) -> str:
 
 def verify_password(user: User | None, password: str) -> bool:
     if user is None:
-        check_password_hash(_DUMMY_HASH, password)
+        check_password_hash(_dummy_hash(), password)
         return False
     return check_password_hash(user.password_hash, password)
 

@@ -1,8 +1,9 @@
 """Fixtures: a real redis-server, a fresh database per test, users, factories.
 
 The database is built with the Alembic migrations (not ``create_all``) so the
-tests exercise the schema users get. Each test gets its own SQLite file (or,
-with ``CORRAL_TEST_DATABASE_URL`` set to a PostgreSQL server, its own schema).
+tests exercise the schema users get. Each test gets its own SQLite file, a copy
+of one migrated once per session (or, with ``CORRAL_TEST_DATABASE_URL`` set to a
+PostgreSQL server, its own database, migrated for the test).
 """
 
 from __future__ import annotations
@@ -89,17 +90,46 @@ def _test_database(name: str, request) -> str | None:
     return sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
 
 
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory) -> str:
+    """An SQLite database migrated once with the Alembic migrations; each test starts from a copy."""
+    from flask_migrate import upgrade
+
+    root = tmp_path_factory.mktemp("migrated")
+    path = root / "corral.sqlite"
+    saved = {k: os.environ.get(k) for k in ("CORRAL_INSTANCE_PATH", "CORRAL_DATABASE_URL")}
+    os.environ.update(CORRAL_INSTANCE_PATH=str(root / "instance"), CORRAL_DATABASE_URL=f"sqlite:///{path}")
+    try:
+        template = create_app({"TESTING": True})
+        with template.app_context():
+            upgrade()
+            db.session.execute(db.text("PRAGMA wal_checkpoint(TRUNCATE)"))
+            db.session.remove()
+            db.engine.dispose()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return str(path)
+
+
 @pytest.fixture
 def app_env(tmp_path, redis_server, monkeypatch, request) -> dict[str, str]:
     """CORRAL_* settings for this test, also set in os.environ for subprocesses."""
     n = next(_db_counter)
     prefix = f"corraltest{os.getpid()}x{n}"
+    database = _test_database(prefix, request)
+    if database is None:
+        shutil.copyfile(request.getfixturevalue("migrated_sqlite"), tmp_path / "corral.sqlite")
+        database = f"sqlite:///{tmp_path / 'corral.sqlite'}"
     env = {
         "CORRAL_INSTANCE_PATH": str(tmp_path / "instance"),
         "CORRAL_SECRET_KEY": "test-secret",
         "CORRAL_REDIS_URL": redis_server,
         "CORRAL_QUEUE_PREFIX": prefix,
-        "CORRAL_DATABASE_URL": _test_database(prefix, request) or f"sqlite:///{tmp_path / 'corral.sqlite'}",
+        "CORRAL_DATABASE_URL": database,
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -132,10 +162,11 @@ def app(app_env, redis_server):
     """An application on a fresh, migrated database and a private Redis key prefix."""
     app = create_app({"TESTING": True})
     app.test_client_class = CsrfClient
-    with app.app_context():
-        from flask_migrate import upgrade
+    if not app_env["CORRAL_DATABASE_URL"].startswith("sqlite:"):  # SQLite: a copy of the migrated template
+        with app.app_context():
+            from flask_migrate import upgrade
 
-        upgrade()
+            upgrade()
     yield app
     with app.app_context():
         db.session.remove()
@@ -202,11 +233,21 @@ def ctx(app):
         yield
 
 
+_password_hashes: dict[str, str] = {}
+
+
+def _hashed(password: str) -> str:
+    """A real scrypt hash of *password*, made once per password per session (scrypt is slow on purpose)."""
+    if password not in _password_hashes:
+        _password_hashes[password] = hash_password(password)
+    return _password_hashes[password]
+
+
 def make_user(username: str, role: Role | str = Role.REGULAR, **kw) -> User:
     role = Role(role).value
     defaults = {"max_vms": 3, "max_memory_mb": 4096, "max_disk_gb": 50} if role == "power" else {}
     defaults.update(kw)
-    user = User(username=username, role=role, password_hash=hash_password(kw.pop("password", PASSWORD)),
+    user = User(username=username, role=role, password_hash=_hashed(kw.pop("password", PASSWORD)),
                 **{k: v for k, v in defaults.items() if k != "password"})
     db.session.add(user)
     db.session.commit()
