@@ -254,6 +254,8 @@ def settle_moves(outcomes: list[PollOutcome]) -> list[str]:
                 log.warning("%s runs on %s, but re-homing it failed: %s", vm.name, server.hostname, exc)
                 continue
             notes.append(f"{vm.name} runs on {server.hostname}, not {old}: recorded there.")
+        if migrating and not _every_up_server_answered(seen):
+            continue  # one that did not answer may hold what the move left: settle when all have
         if migrating and vm.name in seen[home]:
             cleaned, complete = _remove_leftovers(vm, [sid for sid in seen if sid != home])
             notes += cleaned
@@ -281,6 +283,11 @@ def _abort_orphaned_jobs(vm: VM, server_ids: list[int]) -> bool:
             log.warning("checking %s's jobs on %s failed: %s", vm.name, server.hostname, exc)
             found = True  # not known: try again at the next poll
     return found
+
+
+def _every_up_server_answered(seen: dict) -> bool:
+    up = db.session.execute(db.select(Server.id).where(Server.status == ServerStatus.UP.value)).scalars()
+    return set(up) <= set(seen)
 
 
 def _remove_leftovers(vm: VM, server_ids: list[int]) -> tuple[list[str], bool]:
