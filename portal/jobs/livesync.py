@@ -78,6 +78,10 @@ def _mirror_and_wait(progress: Progress, vm_id: int) -> str:
             vm = _vm(vm_id)
             ls = vm.livesync
             if {j.dev for j in jobs} != set(devs):
+                if ls.state == LiveSyncState.IN_SYNC.value and not ls_vmm.domain_active(primary, vm.name):
+                    # the VM's QEMU died after its copy was recorded in sync (by the watcher, between two
+                    # of these reads): the copy is as good as it was; failover (portal/ha.py) needs it so
+                    raise VmmError(f"{vm.name} stopped running on {vm.server.hostname}; its copy stays in sync")
                 livesync.mark_broken(ls, "the mirror failed while syncing (backup server or export gone)")
                 db.session.commit()
                 raise VmmError(f"the LiveSync mirror of {vm.name} failed while syncing")
@@ -88,6 +92,7 @@ def _mirror_and_wait(progress: Progress, vm_id: int) -> str:
                 progress.log(f"{vm.name} is in sync with {backup.hostname} ({total / (1 << 20):.0f} MiB).")
                 return "in sync"
             livesync.mark_syncing(ls, done, total)
+            db.session.commit()  # and the next round reads the row afresh (the watcher writes it too)
             progress.bytes(done, max(total, 1), pct_from=20, pct_to=99)
             if done != last:
                 last, moved_at = done, time.monotonic()
