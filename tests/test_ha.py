@@ -6,7 +6,8 @@ One protected guest (mode "LiveSync + automatic failover") lives through, in ord
     runs: nothing fails over, nothing is fenced, the mirror keeps running; on restart Corral
     re-adopts it (still in sync, leases renewed, no task).
 (a) every process of the primary's namespace killed (libvirtd, sshd, agent, QEMU): the VM runs on
-    the backup, its first heartbeat there follows the last acknowledged write (none lost).
+    the backup, its first heartbeat there follows the last acknowledged write (none lost), and its
+    cloud-init seed (it lived beside the dead primary's disks) was rendered there again.
 (b) the new primary partitioned (link down) while its QEMU runs: its agent destroys the VM itself
     before the backup starts it.
 
@@ -22,10 +23,10 @@ import time
 
 import pytest
 
-from portal import ha
+from portal import attributes, ha
 from portal.extensions import db
 from portal.livesync_watch import Watcher
-from portal.models import VM, Task
+from portal.models import VM, Appliance, Task
 from portal.vmm import livesync as ls_vmm
 from tests.conftest import start_worker, stop_process
 from tests.vm_util import RunningSampler, bed_session, boot_heartbeats, last_ack
@@ -81,6 +82,11 @@ def test_failover_never_twice_nothing_lost(app, client, bed_portal, bed_servers,
     bs_of = {s1: b1, s2: b2}
     corral = Corral(app, tmp_path)
     sampler = RunningSampler(bed, [b1.index, b2.index], NAME)
+    with app.app_context():  # a cloud-init appliance: the VM boots with its seed CD-ROM
+        attributes.set_appliance_os(db.session.get(Appliance, bed_portal["appliance"]), os_type="busybox",
+                                    cloud_init=True)
+        attributes.set_attr(attributes.GLOBAL, "corral_ha", "seeded")
+        db.session.commit()
     corral.start()
     try:
         r = client.post("/vms/new", data={"name": NAME, "appliance": bed_portal["appliance"], "memory_mb": 256,
@@ -121,6 +127,7 @@ def test_failover_never_twice_nothing_lost(app, client, bed_portal, bed_servers,
         first = wait_until(lambda: boot_heartbeats(b2, NAME), 90, "the guest's heartbeat on the backup")[0]
         assert first > acked, (first, acked)  # the counter went on from the copy: nothing acknowledged lost
         assert _vm(app, vm_id)[1:] == (s1, "broken", 1)
+        assert "CORRAL-ATTR corral_ha=seeded" in _serial(b2)
         # the old primary returns (sshd, libvirtd; the witness reinstalls its agent): its stale copy is
         # undefined, never started, and the copy is resynced onto it
         bed.start_sshd(b1.index)

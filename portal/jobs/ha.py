@@ -15,7 +15,7 @@ import time
 
 from flask import current_app
 
-from .. import ha, livesync, servers
+from .. import ha, livesync, servers, vms
 from ..extensions import db
 from ..models import VM, VMState, utcnow
 from ..vmm import domains
@@ -23,7 +23,7 @@ from ..vmm import livesync as ls_vmm
 from ..vmm.domain import DiskSpec, render
 from . import Progress, task_job
 from .networks import ensure_for as ensure_networks
-from .vms import domain_spec
+from .vms import domain_spec, write_seed
 
 
 @task_job
@@ -51,13 +51,20 @@ def failover_vm(progress: Progress, vm_id: int, automatic: bool = False) -> str:
         d.path = path
     ls.epoch += 1
     livesync.mark_broken(ls, f"primary {old.hostname} down; running on backup")
+    if vm.iso_id is not None:  # the ISO's cached copy is on the old primary's disk
+        progress.log(f"The ISO {vm.iso.name} stays with {old.hostname}; {vm.name} starts without it.")
+        vm.iso_id = None
     vm.state, vm.state_changed_at = VMState.UNKNOWN.value, utcnow()
     db.session.commit()  # from here on nothing acts on the old primary's copy
+    # the cloud-init seed lived beside the old primary's disks: it is rendered again beside the copy
+    spec = dataclasses.replace(spec, cdrom=None, seed=vms.seed_path(vm) if spec.seed else None)
     progress.step(f"Stopping the LiveSync export on {new.hostname}", 40)
     with servers.session_for(new) as s:
         ls_vmm.export_stop(s, vm.name)
         progress.step(f"Starting {vm.name} on {new.hostname} from its copy", 60)
         ensure_networks(progress, s, vm, new)
+        if spec.seed:
+            write_seed(progress, s, vm)
         domains.define(s, render(spec))
         domains.power(s, vm.name, "start")
     vm.state, vm.state_changed_at = VMState.RUNNING.value, utcnow()
