@@ -34,6 +34,16 @@ from portal.models import VM, NIC, Role, Server, ServerDisk, Task, User, Virtual
 PASSWORD = "correct horse battery"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (the README's test command runs two workers, ``--dist loadgroup``): every
+    test on the multi-server bed runs in one worker, one after the other (the bed is one set of
+    network namespaces, built once per session); every other test runs in one worker with the rest
+    of its module (module fixtures are made once; ``corral up``'s tests share a default port)."""
+    for item in items:
+        group = "bed" if "bed" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
