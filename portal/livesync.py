@@ -11,7 +11,6 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass
 from datetime import datetime
-from types import SimpleNamespace
 
 from .extensions import db
 from .models import VM, BackupMode, LiveSync, LiveSyncState, Server, ServerDisk, ServerStatus, VMState, utcnow
@@ -123,7 +122,7 @@ def copy_paths(vm: VM, disk: ServerDisk | None = None) -> list[tuple[str, str]]:
     from .vms import vm_dir
 
     disk = disk or vm.backup_disk
-    folder = vm_dir(SimpleNamespace(name=vm.name, disk=disk))
+    folder = vm_dir(vm, disk)
     return [(dev, posixpath.join(folder, posixpath.basename(d.path))) for dev, d in zip(devs(vm), vm.vdisks)]
 
 

@@ -91,8 +91,9 @@ def place(memory_mb: int, disk_gb: int, *, server_id: int | None = None, disk_id
     return Placement(server, disk, reason)
 
 
-def vm_dir(vm: VM) -> str:
-    return posixpath.join(vm.disk.mountpoint, "corral-vms", vm.name)
+def vm_dir(vm: VM, disk: ServerDisk | None = None) -> str:
+    """The VM's folder on its own disk, or on *disk* (its LiveSync backup's, a move's target)."""
+    return posixpath.join((disk or vm.disk).mountpoint, "corral-vms", vm.name)
 
 
 def base_path(disk: ServerDisk, appliance_id: int, sha256: str) -> str:

@@ -11,6 +11,7 @@ watcher runs in a thread of the test.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -235,6 +236,8 @@ def test_protected_vm_syncs_and_survives_its_backup_failing(app, client, bed_por
         with bed_session(b2) as b:
             assert not ls_vmm.export_status(b, "t-ls").running
         assert not b2.host_path(path).exists()
+        # the VM's whole folder is gone from both servers (its copies, and whatever else lived beside them)
+        assert not b1.host_path(os.path.dirname(path)).exists() and not b2.host_path(os.path.dirname(path)).exists()
     finally:
         watcher.stop.set()
         with bed_session(b1) as a, bed_session(b2) as b:

@@ -185,13 +185,14 @@ def delete_vm(progress: Progress, vm_id: int) -> str:
     shared = _unshared_caches(vm)
     backups.remove_all(progress, vm)
     livesync_jobs.forget(progress, vm)
-    for server in {s for s in (vm.server, vm.backup_server) if s is not None}:
+    places = {s: d for s, d in ((vm.backup_server, vm.backup_disk), (vm.server, vm.disk)) if s is not None}
+    for server, disk in places.items():
         progress.step(f"Removing {name} from {server.hostname}", 30)
         with servers.session_for(server) as session:
             domains.undefine(session, name)
             network_jobs.release_idle(progress, session, server, besides=vm.id)
-            if vm.disk is not None:
-                images.remove_tree(session, vms.vm_dir(vm), under=vm.disk.mountpoint)
+            if disk is not None:  # its folder there (on a backup server: what failover put beside the copy)
+                images.remove_tree(session, vms.vm_dir(vm, disk), under=disk.mountpoint)
                 if server is vm.server and shared:
                     progress.log(f"Removing cached {', '.join(posixpath.basename(p) for p in shared)}: "
                                  "no other VM uses it.")
