@@ -34,6 +34,7 @@ from portal.models import VM, NIC, Role, Server, ServerDisk, Task, User, Virtual
 PASSWORD = "correct horse battery"
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (its worker plugin registered later, so runs first)
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (the README's test command runs two workers, ``--dist loadgroup``): every
     test on the multi-server bed runs in one worker, one after the other (the bed is one set of
@@ -42,6 +43,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         group = "bed" if "bed" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_collection_finish(session):
+    """The groups must reach xdist's scheduler (as a ``@group`` suffix of each node id); when a pytest or
+    xdist upgrade breaks that, the bed tests would be spread over both workers, each waiting for the
+    other's bed: say so instead."""
+    if getattr(session.config.option, "loadgroup", False) and not all("@" in i.nodeid for i in session.items):
+        raise pytest.UsageError("pytest-xdist did not apply the test groups (see pytest_collection_modifyitems "
+                                "in tests/conftest.py); run with -n 0 or fix the pytest/xdist versions")
 
 
 def free_port() -> int:
