@@ -8,6 +8,7 @@ start ``virtlogd`` and ``libvirtd`` as daemons and wait until libvirt answers.
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,15 +20,34 @@ VIRTLOGD_SOCKET = Path("/run/libvirt/virtlogd-sock")  # QEMU's console and log o
 LOCAL_URI = "qemu:///system"
 
 
+def listening(path: Path) -> bool:
+    """True when something accepts connections on the unix socket *path* (a socket file left by a
+    daemon that died is refused)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        try:
+            s.connect(str(path))
+        except PermissionError:
+            return True  # not ours to judge (not root): leave it alone
+        except OSError:
+            return False
+    return True
+
+
 def ensure_virtlogd() -> None:
-    """Start virtlogd when nothing (systemd's socket activation) provides it."""
-    if VIRTLOGD_SOCKET.exists():
+    """Start virtlogd when nothing (itself, or systemd's socket activation) listens on its socket."""
+    if listening(VIRTLOGD_SOCKET):
         return
+    for stale in (VIRTLOGD_SOCKET, VIRTLOGD_SOCKET.with_name("virtlogd-admin-sock")):
+        try:
+            stale.unlink(missing_ok=True)  # left by a virtlogd that died: QEMU could not start through it
+        except OSError:
+            pass
     daemon = shutil.which("virtlogd") or "/usr/sbin/virtlogd"
     if Path(daemon).exists():
         subprocess.run([daemon, "--daemon"], check=False, timeout=30)
         for _ in range(50):
-            if VIRTLOGD_SOCKET.exists():
+            if listening(VIRTLOGD_SOCKET):
                 return
             time.sleep(0.1)
 
