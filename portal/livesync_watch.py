@@ -1,7 +1,8 @@
 """The monitor's LiveSync watcher: keeps every protected VM's sync state current, within seconds.
 
 Runs in its own thread of the monitor process (a stuck server must not hold up libvirt events).
-Each round (every second) it reads the mirror jobs of every running protected VM on its primary:
+Each round (every second) it reads the mirror jobs of every running protected VM on its primary,
+one thread per primary server (a primary gone silent delays only its own VMs):
 
 * progress of a sync -> "syncing N %" with bytes; every disk ready -> "in sync";
 * the mirror gone (its job failed: the export died, its server reset the connection) -> "broken";
@@ -16,6 +17,7 @@ never marks a copy in sync unless every disk's mirror is in its ready phase.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -46,6 +48,8 @@ class Watcher:
         self._sessions: dict[int, HostSession] = {}
         self._seen: dict[tuple[int, str], tuple[int, int, float]] = {}  # (vm, dev) -> (cur, end, since)
         self._retry_at: dict[int, float] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="livesync-check")
+        self._checks: dict[int, concurrent.futures.Future] = {}  # server id -> its check under way
         self.rounds = 0
 
     # --- sessions -------------------------------------------------------------
@@ -62,21 +66,47 @@ class Watcher:
             s.close()
 
     # --- one round --------------------------------------------------------------
-    def round(self) -> None:
+    def round(self, *, wait: float | None = None) -> None:
+        """Check every running protected VM, each primary server's VMs in their own thread, so a primary
+        gone silent (its calls hang until the keep-alive gives up, ~20 s) delays only its own VMs. A
+        server whose previous check still runs is skipped this round. Waits for the checks this round
+        started, at most *wait* seconds (None: until they end)."""
         with self.app.app_context():
             rows = db.session.execute(
                 db.select(VM).join(LiveSync).where(VM.state == VMState.RUNNING.value)).scalars().all()
+            by_server: dict[int, list[int]] = {}
             for vm in rows:
-                if not livesync.protected(vm) or vm.server is None or vm.server.status != ServerStatus.UP.value:
+                if livesync.protected(vm) and vm.server is not None and vm.server.status == ServerStatus.UP.value:
+                    by_server.setdefault(vm.server_id, []).append(vm.id)
+            db.session.rollback()
+        started = []
+        for server_id, vm_ids in by_server.items():
+            running = self._checks.get(server_id)
+            if running is not None and not running.done():
+                continue  # that server is slow to answer: the others go on
+            self._checks[server_id] = self._pool.submit(self._check_server, server_id, vm_ids)
+            started.append(self._checks[server_id])
+        if started:
+            concurrent.futures.wait(started, timeout=wait)
+        self.rounds += 1
+
+    def _check_server(self, server_id: int, vm_ids: list[int]) -> None:
+        with self.app.app_context():
+            for vm_id in vm_ids:
+                vm = db.session.get(VM, vm_id)
+                if vm is None or vm.server_id != server_id or vm.state != VMState.RUNNING.value:
                     continue
                 try:
                     self._check(vm)
                 except VmmError as exc:
                     log.info("LiveSync watch of %s: %s", vm.name, exc)
-                    self._drop(vm.server_id)
+                    self._drop(server_id)
+                    db.session.rollback()
+                    return  # the rest of this server's VMs next round, on a new connection
+                except Exception:  # a database hiccup must not end watching
+                    log.exception("LiveSync watch of %s failed", vm.name)
                     db.session.rollback()
             db.session.rollback()
-        self.rounds += 1
 
     def _busy(self, vm: VM) -> bool:
         return db.session.execute(db.select(Task.id).where(
@@ -171,6 +201,9 @@ class Watcher:
         enqueue_resync(vm, why="resync")
 
     def close(self) -> None:
+        """Stop checking: the checks under way end first (one stuck on a silent server ends when its
+        connection's keep-alive gives up), so nothing acts after this returns; then the connections."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
         for key in list(self._sessions):
             self._drop(key)
 
@@ -178,7 +211,7 @@ class Watcher:
         while not self.stop.is_set():
             started = time.monotonic()
             try:
-                self.round()
+                self.round(wait=self.interval)
             except Exception:  # a database hiccup must not end watching
                 log.exception("LiveSync watch round failed")
             self.stop.wait(max(0.0, self.interval - (time.monotonic() - started)))

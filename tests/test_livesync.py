@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 
 import pytest
 
@@ -20,7 +21,7 @@ from checks.check_livesync import build_check
 from portal import livesync
 from portal.extensions import db
 from portal.livesync_watch import Watcher
-from portal.models import VM, Appliance, ApplianceDisk, BackupMode, Role, Server, ServerStatus
+from portal.models import VM, Appliance, ApplianceDisk, BackupMode, LiveSync, Role, Server, ServerStatus
 from portal.vmm import domains
 from portal.vmm import livesync as ls_vmm
 from portal.vmm.appliance import parse_serial_log
@@ -303,3 +304,38 @@ def livesync_check(app) -> str:
         check = build_check("t-ls")
         check()
         return check.state.text.upper()
+
+
+def test_a_silent_primary_delays_only_its_own_vms_checks(app, monkeypatch):
+    """The watcher checks each primary server's VMs in their own thread. The silent primary is
+    simulated here (its VM's check blocks until released, as a libvirt call to a server gone silent
+    hangs until the keep-alive gives up, ~20 s): provoking it for real needs two protected guests on two
+    primaries of the bed, one of them cut off. The other primary's VM is checked every round meanwhile."""
+    with app.app_context():
+        pow_ = make_user("pow", Role.POWER)
+        a, b, c = make_server("srv-a"), make_server("srv-b"), make_server("srv-c")
+        for name, primary, backup in (("on-a", a, b), ("on-b", b, c)):
+            vm = make_vm(pow_, name, server=primary, state="running")
+            vm.backup_mode, vm.backup_server_id = BackupMode.LIVESYNC.value, backup.id
+            vm.livesync = LiveSync(state="in_sync", epoch=0, home_server_id=primary.id)
+        db.session.commit()
+    release, checked = threading.Event(), []
+
+    def check(self, vm):
+        checked.append(vm.name)
+        if vm.name == "on-a":
+            release.wait(10)
+
+    monkeypatch.setattr(Watcher, "_check", check)
+    watcher = Watcher(app, interval=0.2)
+    try:
+        for _ in range(4):
+            watcher.round(wait=0.2)
+        assert checked.count("on-b") == 4 and checked.count("on-a") == 1  # on-a's check still under way
+        release.set()
+        wait_until(lambda: all(f.done() for f in watcher._checks.values()), 10, "the checks to end")
+        watcher.round()  # a round without a bound waits for its checks: on-a is checked again
+        assert checked.count("on-a") == 2
+    finally:
+        release.set()
+        watcher.close()
