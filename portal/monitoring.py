@@ -24,7 +24,7 @@ from datetime import datetime, timedelta, timezone
 from flask import current_app
 from sqlalchemy import delete
 
-from . import actionlog, moves, servers, tasks
+from . import actionlog, moves, servers, tasks, vms
 from .extensions import db
 from .models import VM, CheckResult, Server, ServerSample, ServerStatus, VMState, utcnow
 from .vmm import health, migrate
@@ -223,6 +223,8 @@ def settle_moves(outcomes: list[PollOutcome]) -> list[str]:
     notes = []
     candidates = db.session.execute(db.select(VM).where(
         db.or_(VM.state == VMState.MIGRATING.value, VM.name.in_(list(active))))).scalars().all()
+    # a server that did not answer may hold what an interrupted move left: such VMs settle when all have
+    all_answered = any(vm.state == VMState.MIGRATING.value for vm in candidates) and _every_up_server_answered(seen)
     for vm in candidates:
         migrating = vm.state == VMState.MIGRATING.value
         if migrating:
@@ -254,8 +256,8 @@ def settle_moves(outcomes: list[PollOutcome]) -> list[str]:
                 log.warning("%s runs on %s, but re-homing it failed: %s", vm.name, server.hostname, exc)
                 continue
             notes.append(f"{vm.name} runs on {server.hostname}, not {old}: recorded there.")
-        if migrating and not _every_up_server_answered(seen):
-            continue  # one that did not answer may hold what the move left: settle when all have
+        if migrating and not all_answered:
+            continue
         if migrating and vm.name in seen[home]:
             cleaned, complete = _remove_leftovers(vm, [sid for sid in seen if sid != home])
             notes += cleaned
@@ -296,7 +298,7 @@ def _remove_leftovers(vm: VM, server_ids: list[int]) -> tuple[list[str], bool]:
     notes, complete = [], True
     for sid in server_ids:
         server = db.session.get(Server, sid)
-        folders = [(moves.vm_dir_on(vm, d), d.mountpoint) for d in server.disks
+        folders = [(vms.vm_dir(vm, d), d.mountpoint) for d in server.disks
                    if not (d.shared_group and vm.disk is not None and d.shared_group == vm.disk.shared_group)]
         try:
             with servers.session_for(server) as session:

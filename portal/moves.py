@@ -234,10 +234,6 @@ def target_paths(vm: VM, target: ServerDisk) -> dict[str, str]:
     return paths
 
 
-def vm_dir_on(vm: VM, disk: ServerDisk) -> str:
-    return vms.vm_dir(SimpleNamespace(name=vm.name, disk=disk))
-
-
 def record_moved(vm: VM, server: Server, disk: ServerDisk, paths: dict[str, str], *, how: str,
                  user_id: int | None) -> None:
     """The VM now lives on *server*/*disk*: its rows follow (flushes). Called only once the

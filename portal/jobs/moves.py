@@ -61,7 +61,7 @@ def _begin(progress: Progress, vm_id: int, mode: str, server_id: int, disk_id: i
     vm = _vm(vm_id)
     cand = moves.check_target(vm, mode, server_id, disk_id, own_task=progress.task_id)
     memory_only = cand.shared
-    plan = _Plan(cand, vm.server, vm.name, moves.vm_dir_on(vm, vm.disk), vm.disk.mountpoint,
+    plan = _Plan(cand, vm.server, vm.name, vms.vm_dir(vm, vm.disk), vm.disk.mountpoint,
                  {} if memory_only else moves.target_paths(vm, cand.disk),
                  [] if memory_only else _unshared_caches(vm))
     _set_state(vm, VMState.MIGRATING)
@@ -197,7 +197,7 @@ def move_vm(progress: Progress, vm_id: int, server_id: int, disk_id: int | None,
             migrate.connect(src, dst)
             xml = _check_target(progress, plan, src, dst)
             _put_caches(progress, vm, src, dst, paths, plan.prepared)
-            target_dir = moves.vm_dir_on(vm, disk)
+            target_dir = vms.vm_dir(vm, disk)
             migrate.make_dir(dst, target_dir, plan.prepared)
             progress.step(f"Saving memory if it runs, copying the disks to {target.hostname} (verified)", 10)
             was_running = migrate.cold_move(
